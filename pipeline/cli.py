@@ -1,0 +1,89 @@
+"""The ``forest-inventory`` command: a thin typer layer over the library API.
+
+Each command calls library functions only. Commands that need the ``train`` extra import ``models``
+lazily inside their body and say "install the train extra" when torch is missing.
+Bad input -> one line on stderr and exit 2; internal failure -> exit 1; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from pipeline.errors import InputError, InventoryError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drone orthomosaics to forest-carbon inventories.")
+train_app = typer.Typer(no_args_is_help=True, help="Train the crown or species model (needs the train extra).")
+app.add_typer(train_app, name="train")
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one-line messages and exit codes; ``debug=True`` re-raises."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug", False))
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except InventoryError as exc:
+            if debug:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except ModuleNotFoundError as exc:
+            if debug:
+                raise
+            if exc.name and exc.name.split(".")[0] in {"torch", "torchvision", "segmentation_models_pytorch",
+                                                       "torch_pruning", "onnx", "onnxscript"}:
+                typer.echo(f"error: {exc.name} is missing: install the train extra (pip install '.[train]')",
+                           err=True)
+                raise typer.Exit(2) from None
+            typer.echo(f"error: internal error: {exc} (rerun with --debug for the traceback)", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the CLI boundary
+            if debug:
+                raise
+            typer.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                       err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def parse_bands(text: str) -> tuple[int, ...]:
+    """Parse ``--bands 1,2,3`` into 1-based band indexes."""
+    try:
+        bands = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise InputError(f"--bands {text!r} is not a comma-separated list of band numbers: use e.g. --bands 1,2,3") from None
+    if len(bands) != 3 or min(bands) < 1:
+        raise InputError(f"--bands {text!r} must name three 1-based bands (red,green,blue), e.g. --bands 1,2,3")
+    return bands
+
+
+# --- commands: inventory (run) ---
+
+# --- commands: synth ---
+
+# --- commands: models (train, evaluate) ---
+
+# --- commands: compress ---
+
+# --- commands: flows (batch, serve) ---
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
