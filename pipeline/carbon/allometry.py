@@ -1,0 +1,286 @@
+"""Allometric equations of the carbon chain with their sources (D cm, H and CD m, rho g/cm³, AGB kg).
+
+Every function is vectorised over numpy arrays and pure. The coefficients are module constants so that the
+report can print them next to the equation.
+
+Sources
+- Jucker, T. et al. (2017) Allometric equations for integrating remote sensing imagery into forest
+  monitoring programmes. Global Change Biology 23(1):177-190. doi:10.1111/gcb.13388.
+  Coefficient sets as distributed in the R package itcSegment (Dalponte), functions ``dbh`` and ``agb``.
+  NOTE: itcSegment treats 0.056 (DBH model) and 0.204 (AGB model) as the residual SD sigma, so the bias
+  factors are exp(sigma²/2) = 1.0016 and 1.0210; if they were variances the factors would be 1.028 and 1.107.
+  We follow itcSegment (which reproduces the paper's worked figure D = 48.6 cm for H = 25 m, CD = 10 m).
+- Chave, J. et al. (2014) Improved allometric models to estimate the aboveground biomass of tropical trees.
+  Global Change Biology 20(10):3177-3190. doi:10.1111/gcb.12629. Eq. 4: AGB = 0.0673 (rho D² H)^0.976,
+  RSE 0.357 on the log scale. The intercept 0.0673 = exp(-2.7616) exp(0.357²/2) ALREADY contains the
+  log-bias correction (BIOMASS ``computeAGB``); it must not be applied again.
+- Chave 2014 Eq. 6a (height from diameter): ln H = 0.893 - E + 0.760 ln D - 0.0340 (ln D)², RSE 0.243.
+- Feldpausch, T. R. et al. (2012) Tree height integrated into pantropical forest biomass estimates.
+  Biogeosciences 9:3381-3403. H = a (1 - exp(-b D^c)); pantropical a=50.874, b=0.0420, c=0.784 (RSE 5.48 m);
+  SE Asia a=57.122, b=0.0332, c=0.8468 (values as in BIOMASS ``feldCoef``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+ArrayLike = float | np.ndarray
+
+PLANT_GROUPS = ("angiosperm", "gymnosperm")
+
+
+# ---------------------------------------------------------------------------------------------- crowns
+def crown_diameter_from_area_m(crown_area_m2: ArrayLike) -> np.ndarray:
+    """Crown diameter (m) of the circle with the crown's projected area (m²): CD = 2 sqrt(A / pi)."""
+    return 2.0 * np.sqrt(np.asarray(crown_area_m2, dtype=float) / math.pi)
+
+
+# ---------------------------------------------------------------------------------- Jucker 2017, DBH
+@dataclass(frozen=True)
+class JuckerDbhCoefficients:
+    """D = alpha (H CD)^beta exp(sigma²/2); ``sigma`` is 0 where itcSegment applies no bias factor."""
+
+    key: str
+    alpha: float
+    beta: float
+    sigma: float
+    realm: str
+    biome: str
+    plant_group: str | None  # None: applies to both groups (global fit)
+
+
+def _jset(key: str, alpha: float, beta: float, realm: str, biome: str, group: str | None,
+          sigma: float = 0.0) -> JuckerDbhCoefficients:
+    return JuckerDbhCoefficients(key, alpha, beta, sigma, realm, biome, group)
+
+
+# Jucker et al. 2017 (via itcSegment ``dbh``, biome codes 0..24). Keys: "<realm>_<biome>" + plant group.
+_JUCKER_DBH_SETS: tuple[JuckerDbhCoefficients, ...] = (
+    _jset("global", 0.557, 0.809, "global", "global", None, sigma=0.056),
+    _jset("afrotropic_tropical_forests", 0.428, 0.821, "afrotropic", "tropical_forests", "angiosperm"),
+    _jset("afrotropic_woodlands_savannas", 1.268, 0.750, "afrotropic", "woodlands_savannas", "angiosperm"),
+    _jset("australasia_temperate_mixed", 0.769, 0.811, "australasia", "temperate_mixed", "angiosperm"),
+    _jset("australasia_temperate_mixed", 0.603, 0.891, "australasia", "temperate_mixed", "gymnosperm"),
+    _jset("australasia_woodlands_savannas", 0.519, 0.890, "australasia", "woodlands_savannas", "angiosperm"),
+    _jset("indomalaya_tropical_forests", 0.486, 0.802, "indomalaya", "tropical_forests", "angiosperm"),
+    _jset("nearctic_boreal", 0.286, 0.865, "nearctic", "boreal", "angiosperm"),
+    _jset("nearctic_boreal", 0.815, 0.771, "nearctic", "boreal", "gymnosperm"),
+    _jset("nearctic_temperate_coniferous", 0.343, 0.844, "nearctic", "temperate_coniferous", "angiosperm"),
+    _jset("nearctic_temperate_coniferous", 0.589, 0.817, "nearctic", "temperate_coniferous", "gymnosperm"),
+    _jset("nearctic_temperate_mixed", 0.367, 0.887, "nearctic", "temperate_mixed", "angiosperm"),
+    _jset("nearctic_temperate_mixed", 0.861, 0.755, "nearctic", "temperate_mixed", "gymnosperm"),
+    _jset("nearctic_woodlands_savannas", 0.617, 0.790, "nearctic", "woodlands_savannas", "angiosperm"),
+    _jset("nearctic_woodlands_savannas", 1.133, 0.745, "nearctic", "woodlands_savannas", "gymnosperm"),
+    _jset("neotropic_tropical_forests", 0.591, 0.781, "neotropic", "tropical_forests", "angiosperm"),
+    _jset("palearctic_boreal", 0.467, 0.839, "palearctic", "boreal", "angiosperm"),
+    _jset("palearctic_boreal", 1.430, 0.649, "palearctic", "boreal", "gymnosperm"),
+    _jset("palearctic_temperate_coniferous", 0.273, 0.927, "palearctic", "temperate_coniferous",
+          "angiosperm"),
+    _jset("palearctic_temperate_coniferous", 0.974, 0.748, "palearctic", "temperate_coniferous",
+          "gymnosperm"),
+    _jset("palearctic_temperate_mixed", 0.694, 0.730, "palearctic", "temperate_mixed", "angiosperm"),
+    _jset("palearctic_temperate_mixed", 1.004, 0.730, "palearctic", "temperate_mixed", "gymnosperm"),
+    _jset("palearctic_tropical_forests", 0.540, 0.791, "palearctic", "tropical_forests", "angiosperm"),
+    _jset("palearctic_woodlands_savannas", 0.910, 0.738, "palearctic", "woodlands_savannas", "angiosperm"),
+    _jset("palearctic_woodlands_savannas", 1.373, 0.717, "palearctic", "woodlands_savannas", "gymnosperm"),
+)
+
+# Generic biome names without a biogeographic realm use the global fit (the realm-specific sets were fitted
+# per realm; "temperate" alone does not say which).
+GENERIC_BIOMES = ("global", "temperate", "tropical", "boreal")
+
+JUCKER_BIOMES: tuple[str, ...] = tuple(sorted({s.key for s in _JUCKER_DBH_SETS} | set(GENERIC_BIOMES)))
+
+
+def jucker_dbh_coefficients(biome: str = "temperate",
+                            plant_group: str = "angiosperm") -> JuckerDbhCoefficients:
+    """Coefficient set for a biome key (see ``JUCKER_BIOMES``) and plant group.
+
+    A realm-specific biome without a fit for this plant group (e.g. Neotropic gymnosperms) falls back to the
+    global fit; the returned ``key`` says which set was used.
+    """
+    _check_group(plant_group)
+    b = biome.strip().lower()
+    if b in GENERIC_BIOMES:
+        return _JUCKER_DBH_SETS[0]
+    matches = [s for s in _JUCKER_DBH_SETS if s.key == b]
+    if not matches:
+        raise InputError(f"unknown Jucker 2017 biome {biome!r}; use one of {', '.join(JUCKER_BIOMES)}")
+    for s in matches:
+        if s.plant_group == plant_group:
+            return s
+    return _JUCKER_DBH_SETS[0]
+
+
+def jucker_dbh_model_name(biome: str = "temperate", plant_group: str = "angiosperm") -> str:
+    """Per-tree ``dbh_model`` label, e.g. ``jucker2017_global``, ``jucker2017_nearctic_boreal_gymnosperm``."""
+    s = jucker_dbh_coefficients(biome, plant_group)
+    return "jucker2017_global" if s.plant_group is None else f"jucker2017_{s.key}_{s.plant_group}"
+
+
+def dbh_jucker2017_cm(height_m: ArrayLike, crown_diameter_m: ArrayLike, plant_group: str = "angiosperm",
+                      biome: str = "temperate") -> np.ndarray:
+    """Stem diameter at breast height (cm) from tree height H (m) and crown diameter CD (m).
+
+    Jucker et al. 2017: D = alpha (H CD)^beta exp(sigma²/2); global fit alpha 0.557, beta 0.809, sigma 0.056.
+    Example: H = 25 m, CD = 10 m gives D = 48.6 cm.
+    """
+    s = jucker_dbh_coefficients(biome, plant_group)
+    hcd = np.asarray(height_m, dtype=float) * np.asarray(crown_diameter_m, dtype=float)
+    return s.alpha * np.power(hcd, s.beta) * math.exp(s.sigma**2 / 2.0)
+
+
+# ---------------------------------------------------------------------------------- Jucker 2017, AGB
+JUCKER_AGB_BASE = (0.016, 2.013)  # angiosperm intercept and exponent
+JUCKER_AGB_GYMNO_OFFSET = (0.093, -0.223)  # added for gymnosperms
+JUCKER_AGB_SIGMA = 0.204
+
+
+def jucker_agb_coefficients(plant_group: str) -> tuple[float, float]:
+    """(a, b) of AGB = a (H CD)^b exp(0.204²/2) for a plant group."""
+    _check_group(plant_group)
+    a, b = JUCKER_AGB_BASE
+    if plant_group == "gymnosperm":
+        a, b = a + JUCKER_AGB_GYMNO_OFFSET[0], b + JUCKER_AGB_GYMNO_OFFSET[1]
+    return a, b
+
+
+def agb_jucker2017_hcd_kg(height_m: ArrayLike, crown_diameter_m: ArrayLike,
+                          plant_group: str = "angiosperm") -> np.ndarray:
+    """Aboveground biomass (kg) directly from H (m) and CD (m), Jucker et al. 2017 (no wood density).
+
+    Angiosperms 0.016 (H CD)^2.013, gymnosperms 0.109 (H CD)^1.790, both times exp(0.204²/2).
+    """
+    a, b = jucker_agb_coefficients(plant_group)
+    hcd = np.asarray(height_m, dtype=float) * np.asarray(crown_diameter_m, dtype=float)
+    return a * np.power(hcd, b) * math.exp(JUCKER_AGB_SIGMA**2 / 2.0)
+
+
+# ------------------------------------------------------------------------------------ Chave 2014
+CHAVE_EQ4_INTERCEPT = 0.0673  # includes exp(RSE²/2)
+CHAVE_EQ4_EXPONENT = 0.976
+CHAVE_EQ4_RSE = 0.357
+
+
+def agb_chave2014_eq4_kg(wood_density_gcm3: ArrayLike, dbh_cm: ArrayLike, height_m: ArrayLike) -> np.ndarray:
+    """Aboveground biomass (kg), Chave et al. 2014 eq. 4: 0.0673 (rho D² H)^0.976.
+
+    rho in g/cm³, D in cm, H in m. The intercept already includes the log-bias correction.
+    Example: rho 0.6, D 48.6 cm, H 25 m gives about 1,850 kg.
+    """
+    rho = np.asarray(wood_density_gcm3, dtype=float)
+    d = np.asarray(dbh_cm, dtype=float)
+    h = np.asarray(height_m, dtype=float)
+    return CHAVE_EQ4_INTERCEPT * np.power(rho * d * d * h, CHAVE_EQ4_EXPONENT)
+
+
+# ------------------------------------------------------------------------ height-diameter models
+@dataclass(frozen=True)
+class HeightDiameterModel:
+    """A height-diameter model H(D) with its log-scale residual SD (for the Monte Carlo)."""
+
+    name: str
+    kind: str  # "weibull" (Feldpausch form) or "chave_eq6a"
+    a: float = 0.0
+    b: float = 0.0
+    c: float = 0.0
+    environmental_stress_e: float = 0.0
+    rse_log: float = 0.0
+    source: str = ""
+
+    def height_m(self, dbh_cm: ArrayLike) -> np.ndarray:
+        """Height (m) for diameter (cm)."""
+        d = np.maximum(np.asarray(dbh_cm, dtype=float), 0.1)
+        if self.kind == "weibull":
+            return self.a * (1.0 - np.exp(-self.b * np.power(d, self.c)))
+        if self.kind == "chave_eq6a":
+            ld = np.log(d)
+            return np.exp(0.893 - self.environmental_stress_e + 0.760 * ld - 0.0340 * ld * ld
+                          + self.rse_log**2 / 2.0)
+        raise InputError(f"unknown height-diameter model kind {self.kind!r}; use 'weibull' or 'chave_eq6a'")
+
+
+def height_diameter_model(name: str = "feldpausch2012_pantropical",
+                          environmental_stress_e: float = 0.0) -> HeightDiameterModel:
+    """Named H-D models: ``feldpausch2012_pantropical``, ``feldpausch2012_seasia``, ``chave2014_eq6a``.
+
+    The Feldpausch RSE (5.48 m, absolute) is turned into a log-scale SD of 0.25 for the Monte Carlo
+    (about 5.5 m at 22 m height); Chave eq. 6a has RSE 0.243 on the log scale and needs E (environmental
+    stress, from the Chave 2014 raster) for the site.
+    """
+    if name == "feldpausch2012_pantropical":
+        return HeightDiameterModel(name, "weibull", 50.874, 0.0420, 0.784, rse_log=0.25,
+                                   source="Feldpausch et al. 2012, pantropical (RSE 5.48 m)")
+    if name == "feldpausch2012_seasia":
+        return HeightDiameterModel(name, "weibull", 57.122, 0.0332, 0.8468, rse_log=0.25,
+                                   source="Feldpausch et al. 2012, SE Asia")
+    if name == "chave2014_eq6a":
+        return HeightDiameterModel(name, "chave_eq6a", environmental_stress_e=environmental_stress_e,
+                                   rse_log=0.243, source="Chave et al. 2014 eq. 6a (RSE 0.243)")
+    raise InputError(f"unknown height-diameter model {name!r}; use feldpausch2012_pantropical, "
+                     "feldpausch2012_seasia or chave2014_eq6a")
+
+
+def height_from_crown_m(crown_diameter_m: ArrayLike, hd_model: HeightDiameterModel,
+                        plant_group: str = "angiosperm", biome: str = "temperate",
+                        iterations: int = 100, tol_cm: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Height (m) and DBH (cm) without a CHM: iterate D_{k+1} = Jucker(H(D_k), CD) to its fixed point.
+
+    Returns (height_m, dbh_cm). Low confidence: flag such trees ``height_source = "allometry"``.
+    """
+    cd = np.asarray(crown_diameter_m, dtype=float)
+    d = dbh_jucker2017_cm(np.full_like(cd, 15.0), cd, plant_group, biome)
+    for _ in range(iterations):
+        d_new = dbh_jucker2017_cm(hd_model.height_m(d), cd, plant_group, biome)
+        done = np.nanmax(np.abs(d_new - d)) < tol_cm if d.size else True
+        d = d_new
+        if done:
+            break
+    return hd_model.height_m(d), d
+
+
+# --------------------------------------------------------------------------- BGB, carbon, CO2e
+CO2_PER_C = 44.0 / 12.0
+
+
+def bgb_kg(agb_kg: ArrayLike, root_shoot_ratio: ArrayLike) -> np.ndarray:
+    """Belowground biomass (kg) = R AGB."""
+    return np.asarray(root_shoot_ratio, dtype=float) * np.asarray(agb_kg, dtype=float)
+
+
+def carbon_kg(agb_kg: ArrayLike, bgb: ArrayLike, carbon_fraction: ArrayLike) -> np.ndarray:
+    """Carbon (kg) = CF (AGB + BGB)."""
+    return np.asarray(carbon_fraction, dtype=float) * (np.asarray(agb_kg, dtype=float) + np.asarray(bgb))
+
+
+def co2e_kg(carbon: ArrayLike) -> np.ndarray:
+    """CO2 equivalent (kg) = C 44/12."""
+    return np.asarray(carbon, dtype=float) * CO2_PER_C
+
+
+def _check_group(plant_group: str) -> None:
+    if plant_group not in PLANT_GROUPS:
+        raise InputError(f"unknown plant group {plant_group!r}; use 'angiosperm' or 'gymnosperm'")
+
+
+# Equations as printed in the report (name -> (formula, source)).
+EQUATIONS: dict[str, tuple[str, str]] = {
+    "crown_diameter": ("CD = 2 √(A / π)", "circle of equal area"),
+    "jucker2017_dbh": ("D = α (H·CD)^β · exp(σ²/2); global α = 0.557, β = 0.809, σ = 0.056",
+                       "Jucker et al. 2017, Glob. Change Biol. 23:177 (coefficients as in itcSegment)"),
+    "chave2014_eq4": ("AGB = 0.0673 (ρ D² H)^0.976 (bias correction included; RSE 0.357)",
+                      "Chave et al. 2014, Glob. Change Biol. 20:3177, eq. 4"),
+    "jucker2017_hcd": ("AGB = 0.016 (H·CD)^2.013 (angiosperms), 0.109 (H·CD)^1.790 (gymnosperms), "
+                       "× exp(0.204²/2)", "Jucker et al. 2017"),
+    "height_diameter": ("H = a (1 − exp(−b D^c)) (Feldpausch) or "
+                        "ln H = 0.893 − E + 0.760 ln D − 0.0340 (ln D)²",
+                        "Feldpausch et al. 2012; Chave et al. 2014 eq. 6a"),
+    "bgb": ("BGB = R · AGB", "IPCC 2006 GL Vol. 4 Ch. 4 Table 4.4 (root-to-shoot ratio by ecozone)"),
+    "carbon": ("C = CF · (AGB + BGB)", "IPCC 2006 GL Vol. 4 Ch. 4 (CF default 0.47)"),
+    "co2e": ("CO2e = C · 44/12", "molar mass ratio CO2 / C"),
+}

@@ -1,0 +1,74 @@
+"""Published allometric equations against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.carbon import allometry as al
+from pipeline.errors import InputError
+
+
+def test_crown_diameter_from_area():
+    assert al.crown_diameter_from_area_m(math.pi * 25.0) == pytest.approx(10.0)
+
+
+def test_jucker_dbh_acceptance_value():
+    # H = 25 m, CD = 10 m: 0.557 * 250^0.809 * exp(0.056²/2) = 48.58 cm
+    d = al.dbh_jucker2017_cm(25.0, 10.0, "angiosperm")
+    assert d == pytest.approx(0.557 * 250**0.809 * math.exp(0.056**2 / 2), rel=1e-12)
+    assert d == pytest.approx(48.6, abs=0.05)
+
+
+def test_chave_eq4_acceptance_value_and_no_double_bias():
+    d = al.dbh_jucker2017_cm(25.0, 10.0, "angiosperm")
+    agb = al.agb_chave2014_eq4_kg(0.6, d, 25.0)
+    assert agb / 1000 == pytest.approx(1.85, abs=0.01)
+    # the intercept equals exp(-2.7616) * exp(0.357²/2): the bias correction is inside it, once
+    assert math.exp(-2.7616) * math.exp(0.3574**2 / 2) == pytest.approx(al.CHAVE_EQ4_INTERCEPT, rel=2e-3)
+    assert agb == pytest.approx(0.0673 * (0.6 * d * d * 25.0) ** 0.976, rel=1e-12)
+
+
+def test_jucker_direct_agb_route_b():
+    assert al.agb_jucker2017_hcd_kg(25.0, 10.0, "angiosperm") / 1000 == pytest.approx(1.10, abs=0.01)
+    gym = al.agb_jucker2017_hcd_kg(25.0, 10.0, "gymnosperm")
+    assert gym == pytest.approx(0.109 * 250**1.790 * math.exp(0.204**2 / 2), rel=1e-12)
+
+
+def test_biome_sets_and_fallback():
+    nearctic = al.dbh_jucker2017_cm(25.0, 10.0, "gymnosperm", "nearctic_temperate_coniferous")
+    assert nearctic == pytest.approx(0.589 * 250**0.817, rel=1e-12)
+    assert al.jucker_dbh_model_name("nearctic_temperate_coniferous", "gymnosperm").endswith("gymnosperm")
+    # no Neotropic gymnosperm fit: global set
+    assert al.jucker_dbh_model_name("neotropic_tropical_forests", "gymnosperm") == "jucker2017_global"
+    with pytest.raises(InputError):
+        al.dbh_jucker2017_cm(25.0, 10.0, "angiosperm", "mars")
+    with pytest.raises(InputError):
+        al.dbh_jucker2017_cm(25.0, 10.0, "fern")
+
+
+def test_vectorised():
+    h = np.array([10.0, 20.0, 30.0])
+    cd = np.array([3.0, 6.0, 9.0])
+    d = al.dbh_jucker2017_cm(h, cd)
+    assert d.shape == (3,) and np.all(np.diff(d) > 0)
+
+
+def test_height_from_crown_is_fixed_point():
+    hd = al.height_diameter_model("chave2014_eq6a")
+    cd = np.array([2.0, 5.0, 9.0])
+    h, d = al.height_from_crown_m(cd, hd)
+    np.testing.assert_allclose(al.dbh_jucker2017_cm(h, cd), d, rtol=1e-6)
+    np.testing.assert_allclose(hd.height_m(d), h, rtol=1e-9)
+    assert np.all(np.diff(h) > 0)
+    # Feldpausch 2012 pantropical at D = 30 cm: 50.874 (1 - exp(-0.042 * 30^0.784))
+    feld = al.height_diameter_model("feldpausch2012_pantropical")
+    assert feld.height_m(30.0) == pytest.approx(50.874 * (1 - math.exp(-0.042 * 30**0.784)))
+
+
+def test_bgb_carbon_co2e():
+    agb = 1000.0
+    bgb = al.bgb_kg(agb, 0.2)
+    c = al.carbon_kg(agb, bgb, 0.47)
+    assert c == pytest.approx(564.0)
+    assert al.co2e_kg(c) == pytest.approx(564.0 * 44 / 12)
