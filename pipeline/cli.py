@@ -74,6 +74,31 @@ def parse_bands(text: str) -> tuple[int, ...]:
 
 # --- commands: synth ---
 
+
+@app.command("synth")
+@handle_errors
+def synth_cmd(
+    out: str = typer.Option(..., "--out", help="Output folder (ortho.tif, chm.tif, truth.gpkg, scene.json)."),
+    size_m: float = typer.Option(500.0, "--size-m", help="Scene edge in metres (square scene)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scene."),
+    gsd_m: float = typer.Option(0.1, "--gsd-m", help="Ground sample distance in metres per pixel."),
+    crs: str = typer.Option("EPSG:32617", "--crs", help="Projected CRS of the scene (metres)."),
+    compress: str = typer.Option("deflate", "--compress", help="Orthomosaic compression: deflate or jpeg."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Generate a synthetic forest scene with known truth (crowns, species, height, DBH, AGB)."""
+    import time
+
+    from pipeline.synthetic import generate_scene
+
+    t0 = time.perf_counter()
+    files = generate_scene(out, size_m=size_m, gsd_m=gsd_m, seed=seed, crs=crs, compress=compress)
+    typer.echo(f"{files.n_trees} trees, {size_m:g} m x {size_m:g} m at {gsd_m:g} m ({files.crs}) "
+               f"in {time.perf_counter() - t0:.1f} s")
+    for path in (files.ortho, files.chm, files.truth, files.meta):
+        typer.echo(f"  {path}")
+
+
 # --- commands: models (train, evaluate) ---
 
 # --- commands: compress ---

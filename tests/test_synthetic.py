@@ -1,0 +1,120 @@
+"""Synthetic scene generator: determinism, window/block consistency, truth allometry, CRS and GSD."""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from rasterio.features import rasterize
+from typer.testing import CliRunner
+
+from pipeline.carbon.allometry import agb_chave2014_eq4_kg, dbh_jucker2017_cm
+from pipeline.carbon.wood_density import WoodDensityTable, plant_group_of
+from pipeline.cli import app
+from pipeline.errors import InputError
+from pipeline.synthetic import SPECIES_NAMES, generate_scene, place_trees
+
+
+def _read(files):
+    with rasterio.open(files.ortho) as o, rasterio.open(files.chm) as c:
+        return o.read(), c.read(1), o.profile, c.profile
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return generate_scene(tmp_path_factory.mktemp("a"), size_m=60, gsd_m=0.1, seed=3, window_px=256)
+
+
+def test_same_seed_same_scene_and_different_seed_differs(scene, tmp_path):
+    again = generate_scene(tmp_path / "b", size_m=60, gsd_m=0.1, seed=3, window_px=256)
+    other = generate_scene(tmp_path / "c", size_m=60, gsd_m=0.1, seed=4, window_px=256)
+    a, b, o = _read(scene), _read(again), _read(other)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], o[0])
+    ta, tb = gpd.read_file(scene.truth), gpd.read_file(again.truth)
+    assert ta.drop(columns="geometry").equals(tb.drop(columns="geometry"))
+    assert ta.geometry.geom_equals_exact(tb.geometry, 1e-9).all()
+
+
+def test_window_size_does_not_change_pixels(scene, tmp_path):
+    """Crowns spanning window borders (256 vs 512 vs 1024 px windows) are drawn identically."""
+    a = _read(scene)
+    for win in (512, 1024):
+        b = _read(generate_scene(tmp_path / f"w{win}", size_m=60, gsd_m=0.1, seed=3, window_px=win))
+        assert np.array_equal(a[0], b[0])
+        assert np.array_equal(a[1], b[1])
+
+
+def test_block_placement_is_local_and_order_independent():
+    """Trees of block (0, 0) are the same whether the scene is 150 m or 300 m wide (more, later blocks)."""
+    origin = (400000.0, 3285000.0)
+    small = place_trees(7, 150.0, origin)
+    large = place_trees(7, 300.0, origin)
+    in_small = (small.uid[:, 0] == 0) & (small.uid[:, 1] == 0)
+    in_large = (large.uid[:, 0] == 0) & (large.uid[:, 1] == 0)
+    assert in_small.sum() > 5
+    assert np.array_equal(small.x[in_small], large.x[in_large])
+    assert np.array_equal(small.height_m[in_small], large.height_m[in_large])
+
+
+def test_truth_agb_is_the_carbon_allometry(scene):
+    truth = gpd.read_file(scene.truth)
+    assert len(truth) == scene.n_trees > 20
+    assert set(truth["species"]) <= set(SPECIES_NAMES) and truth["species"].nunique() >= 3
+    table = WoodDensityTable.default()
+    for _, t in truth.sample(10, random_state=0).iterrows():
+        wd = table.lookup(t["species"])[0]
+        dbh = float(dbh_jucker2017_cm(t["height_m"], t["crown_diameter_m"], plant_group_of(t["species"]),
+                                      "temperate"))
+        assert t["wood_density"] == pytest.approx(wd)
+        assert t["dbh_cm"] == pytest.approx(dbh, rel=1e-9)
+        assert t["agb_kg"] == pytest.approx(float(agb_chave2014_eq4_kg(wd, dbh, t["height_m"])), rel=1e-9)
+    # crown diameter is the area-equivalent diameter of the (unclipped) outline
+    np.testing.assert_allclose(truth["crown_diameter_m"], 2 * np.sqrt(truth["crown_area_m2"] / np.pi))
+
+
+def test_chm_reaches_each_tree_height_inside_its_crown(scene):
+    truth = gpd.read_file(scene.truth)
+    ortho, chm, prof, _ = _read(scene)
+    ids = rasterize(((g, i + 1) for i, g in enumerate(truth.geometry)), out_shape=chm.shape,
+                    transform=prof["transform"], dtype="int32")
+    # a crown top is never lower than the tree (a taller neighbour can only cover it)
+    for i, h in enumerate(truth["height_m"]):
+        inside = chm[ids == i + 1]
+        if inside.size:
+            assert inside.max() >= h - 0.02
+    # outside the truth outlines: ground, grass and logs (up to a rim pixel of the 48-vertex outlines)
+    tall_outside = (chm > 1.0) & (ids == 0)
+    assert tall_outside.sum() < 0.01 * (ids > 0).sum()
+    assert ortho.dtype == np.uint8 and ortho.shape[0] == 3
+
+
+def test_crs_gsd_tiling_and_compression(tmp_path):
+    files = generate_scene(tmp_path, size_m=40, gsd_m=0.2, seed=1, crs="EPSG:32633", origin=(500000, 5000000),
+                           compress="jpeg")
+    with rasterio.open(files.ortho) as o, rasterio.open(files.chm) as c:
+        assert o.crs.to_epsg() == 32633 and c.crs == o.crs
+        assert o.res == pytest.approx((0.2, 0.2)) and (o.width, o.height) == (200, 200)
+        assert o.bounds.left == 500000 and o.bounds.top == 5000000
+        assert o.profile["tiled"] and o.compression.name.lower() == "jpeg"
+        assert c.dtypes[0] == "float32" and c.transform == o.transform
+    truth = gpd.read_file(files.truth)
+    assert truth.crs.to_epsg() == 32633
+    assert truth.total_bounds[0] >= 500000 - 1e-6 and truth.total_bounds[3] <= 5000000 + 1e-6
+
+
+def test_bad_arguments_raise_input_error(tmp_path):
+    with pytest.raises(InputError, match="projected"):
+        generate_scene(tmp_path, size_m=20, crs="EPSG:4326")
+    with pytest.raises(InputError, match="positive"):
+        generate_scene(tmp_path, size_m=-5)
+
+
+def test_cli_synth(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--size-m", "30", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s" / "ortho.tif").exists() and (tmp_path / "s" / "truth.gpkg").exists()
+    bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "t"), "--size-m", "30", "--crs", "EPSG:4326"])
+    assert bad.exit_code == 2 and "projected" in bad.output
