@@ -1,0 +1,216 @@
+"""Atomic writers for the inventory's deliverables (each goes through ``pipeline.atomic.atomic_path``).
+
+- crowns.geojson: RFC 7946 (WGS84 lon/lat, no ``crs`` member), one Feature per tree.
+- inventory.gpkg: layers ``crowns`` (working projected CRS), ``grid``, ``species``, ``summary`` and a QGIS
+  ``layer_styles`` table whose default style colours the crowns by species.
+- crowns.csv: one row per tree (attributes, centroid x/y in the working CRS and lon/lat).
+- crown_mask.tif: Cloud-Optimized GeoTIFF of uint32 ``tree_id`` labels, nodata 0, rasterised block-wise.
+- quicklook.png (+ .wld and .png.aux.xml with the CRS): decimated ortho, crowns outlined by species.
+- summary.json.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import rasterio
+import rasterio.features
+import rasterio.shutil
+from affine import Affine
+from PIL import Image
+from rasterio.crs import CRS
+from rasterio.windows import Window
+from shapely.geometry import box
+
+from pipeline.atomic import atomic_path
+
+CROWN_PROPERTIES = ["tree_id", "species", "species_prob", "score", "crown_area_m2", "crown_diameter_m",
+                    "height_m", "height_source", "dbh_cm", "agb_kg", "agb_kg_sd", "carbon_kg", "co2e_kg"]
+
+
+def species_colours(names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """A stable, distinct RGB colour per species name ("unknown" is grey)."""
+    out = {}
+    ordered = sorted(n for n in set(names) if n != "unknown")
+    for i, name in enumerate(ordered):
+        hue = (i * 0.618034) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+        out[name] = (int(r * 255), int(g * 255), int(b * 255))
+    out["unknown"] = (200, 200, 200)
+    return out
+
+
+def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns GDAL can store: drop array/object columns that are not strings."""
+    keep = []
+    for col in df.columns:
+        series = df[col]
+        if series.dtype == object and len(series) and \
+                not all(isinstance(v, str | type(None)) for v in series):
+            continue
+        keep.append(col)
+    return df[keep]
+
+
+def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame) -> Path:
+    """RFC 7946 GeoJSON (reprojected to WGS84 by GDAL, coordinates rounded to 7 decimals)."""
+    cols = [c for c in CROWN_PROPERTIES if c in crowns.columns] + \
+        [c for c in ("lon", "lat", "cell_id", "plot_id") if c in crowns.columns]
+    with atomic_path(path) as tmp:
+        crowns[cols + [crowns.geometry.name]].to_file(tmp, driver="GeoJSON", engine="pyogrio", RFC7946="YES")
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, crowns: gpd.GeoDataFrame) -> Path:
+    """One row per tree, no geometry; centroid as x/y (working CRS) and lon/lat (WGS84)."""
+    df = pd.DataFrame(_clean_frame(crowns).drop(columns=crowns.geometry.name))
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(path)
+
+
+def crowns_qml(species: Sequence[str], field: str = "species") -> str:
+    """QGIS style (QML) for the crowns layer: categorized by species, translucent fill, coloured outline."""
+    colours = species_colours(species)
+    cats, symbols = [], []
+    for i, (name, (r, g, b)) in enumerate(sorted(colours.items())):
+        cats.append(f'<category render="true" symbol="{i}" value="{escape(name)}" label="{escape(name)}"/>')
+        symbols.append(
+            f'<symbol type="fill" name="{i}" alpha="1" clip_to_extent="1" force_rhr="0">'
+            f'<layer class="SimpleFill" enabled="1" locked="0" pass="0"><Option type="Map">'
+            f'<Option type="QString" name="color" value="{r},{g},{b},60"/>'
+            f'<Option type="QString" name="outline_color" value="{r},{g},{b},255"/>'
+            f'<Option type="QString" name="outline_width" value="0.5"/>'
+            f'<Option type="QString" name="outline_width_unit" value="MM"/>'
+            f'<Option type="QString" name="style" value="solid"/>'
+            f'<Option type="QString" name="outline_style" value="solid"/>'
+            f'</Option></layer></symbol>')
+    return ("<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+            '<qgis version="3.34.0" styleCategories="Symbology|Labeling">'
+            f'<renderer-v2 type="categorizedSymbol" attr="{field}" enableorderby="0" forceraster="0" '
+            f'symbollevels="0"><categories>{"".join(cats)}</categories><symbols>{"".join(symbols)}</symbols>'
+            '</renderer-v2>'
+            '<labeling type="simple"><settings calloutType="simple"><text-style fieldName="tree_id" '
+            'fontSize="7" textColor="255,255,255,255"/></settings></labeling>'
+            '</qgis>\n')
+
+
+def write_gpkg(path: str | os.PathLike, crowns: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None,
+               species: pd.DataFrame | None, summary: dict) -> Path:
+    """inventory.gpkg: ``crowns`` (projected CRS), ``grid``, ``species``, ``summary``, ``layer_styles``."""
+    with atomic_path(path) as tmp:
+        pyogrio.write_dataframe(_clean_frame(crowns), tmp, layer="crowns", driver="GPKG",
+                                promote_to_multi=False)
+        if grid is not None:
+            pyogrio.write_dataframe(_clean_frame(grid), tmp, layer="grid", driver="GPKG")
+        if species is not None:
+            pyogrio.write_dataframe(pd.DataFrame(species).reset_index(drop=True), tmp, layer="species",
+                                    driver="GPKG")
+        rows = [{"key": k, "value": v if isinstance(v, str) else json.dumps(v)} for k, v in summary.items()]
+        pyogrio.write_dataframe(pd.DataFrame(rows), tmp, layer="summary", driver="GPKG")
+        style = pd.DataFrame([{
+            "f_table_catalog": "", "f_table_schema": "", "f_table_name": "crowns",
+            "f_geometry_column": "geom", "styleName": "crowns by species",
+            "styleQML": crowns_qml(list(crowns["species"]) if "species" in crowns else []),
+            "styleSLD": "", "useAsDefault": True, "description": "forest-inventory default style",
+            "owner": "", "ui": "", "update_time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        }])
+        pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
+    return Path(path)
+
+
+def write_crown_mask(path: str | os.PathLike, crowns: gpd.GeoDataFrame, width: int, height: int,
+                     transform: Affine, crs: CRS | str, block_px: int = 2048) -> Path:
+    """COG of uint32 ``tree_id`` labels (nodata 0) on the working grid, rasterised one block at a time."""
+    path = Path(path)
+    crs = CRS.from_user_input(crs)
+    geoms = crowns.geometry.to_numpy()
+    ids = crowns["tree_id"].to_numpy().astype(np.uint32)
+    sindex = crowns.sindex if len(crowns) else None
+    stage = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.stage.tif")
+    try:
+        profile = {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint32",
+                   "crs": crs, "transform": transform, "nodata": 0, "tiled": True, "blockxsize": 512,
+                   "blockysize": 512, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+        with rasterio.open(stage, "w", **profile) as dst:
+            for r0 in range(0, height, block_px):
+                for c0 in range(0, width, block_px):
+                    win = Window(c0, r0, min(block_px, width - c0), min(block_px, height - r0))
+                    wt = transform @ Affine.translation(c0, r0)
+                    block = np.zeros((int(win.height), int(win.width)), dtype=np.uint32)
+                    if sindex is not None:
+                        left, top = wt.c, wt.f
+                        bounds = (left, top + wt.e * win.height, left + wt.a * win.width, top)
+                        hits = sindex.query(box(*bounds), predicate="intersects")
+                        if hits.size:
+                            block = rasterio.features.rasterize(
+                                zip(geoms[hits], ids[hits], strict=True), out_shape=block.shape,
+                                transform=wt, fill=0, dtype="uint32")
+                    dst.write(block, 1, window=win)
+        with atomic_path(path) as tmp:
+            rasterio.shutil.copy(stage, tmp, driver="COG", compress="DEFLATE", predictor="2", blocksize=512,
+                                 overview_resampling="nearest", num_threads="ALL_CPUS", BIGTIFF="IF_SAFER")
+    finally:
+        stage.unlink(missing_ok=True)
+    return path
+
+
+def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray, transform: Affine,
+                    crs: CRS | str, crowns: gpd.GeoDataFrame) -> Path:
+    """PNG of a decimated ortho (``rgb`` [3, h, w] uint8 on ``transform``) with crown outlines coloured by
+    species, plus a world file (.wld) and a .png.aux.xml carrying the CRS so GIS places it."""
+    path = Path(path)
+    img = np.where(valid[None], rgb, 255).astype(np.uint8)
+    if len(crowns):
+        colours = species_colours(list(crowns["species"]) if "species" in crowns else [])
+        names = sorted(colours)
+        code = {n: i + 1 for i, n in enumerate(names)}
+        species = crowns["species"] if "species" in crowns else pd.Series(["unknown"] * len(crowns))
+        pixel_m = math.sqrt(abs(transform.determinant))
+        outlines = crowns.geometry.boundary.buffer(pixel_m * 0.6)
+        burned = rasterio.features.rasterize(
+            zip(outlines.to_numpy(), [code.get(s, code["unknown"]) for s in species], strict=True),
+            out_shape=valid.shape, transform=transform, fill=0, dtype="uint16")
+        palette = np.array([(0, 0, 0)] + [colours[n] for n in names], dtype=np.uint8)
+        on = burned > 0
+        img[:, on] = palette[burned[on]].T
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+    wld = "\n".join(f"{v:.10f}" for v in (a, d, b, e, c + a / 2 + b / 2, f + d / 2 + e / 2)) + "\n"
+    aux = f"<PAMDataset>\n  <SRS>{escape(CRS.from_user_input(crs).to_wkt())}</SRS>\n</PAMDataset>\n"
+    aux_path = path.with_name(path.name + ".aux.xml")
+    with atomic_path(path.with_suffix(".wld")) as tmp_wld, atomic_path(aux_path) as tmp_aux, \
+            atomic_path(path) as tmp_png:
+        Image.fromarray(img.transpose(1, 2, 0)).save(tmp_png, format="PNG", optimize=True)
+        tmp_wld.write_text(wld)
+        tmp_aux.write_text(aux)
+    return path
+
+
+def write_summary_json(path: str | os.PathLike, summary: dict) -> Path:
+    """summary.json (indented, UTF-8; NaN written as null)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(clean(summary), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(path)

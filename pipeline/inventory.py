@@ -1,0 +1,601 @@
+"""The inventory engine's public stages; the CLI and the Prefect flows both call these (one implementation).
+
+``validate`` -> ``infer_group`` (per tile group, persisted to out/.work/groups/, so a killed run resumes)
+-> ``collect_crowns`` -> ``add_attributes`` (species, height) -> ``add_carbon`` -> ``write_outputs``;
+``run_inventory`` chains them. Geometry stays in the working CRS (metric, see pipeline.raster) until export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.resources
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+
+import pipeline
+from pipeline.atomic import atomic_path
+from pipeline.crowns import DEFAULTS as CROWN_DEFAULTS
+from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs
+from pipeline.errors import InputError
+from pipeline.onnx_model import CROWN_TASK, SPECIES_TASK, ModelMeta, OnnxModel
+from pipeline.raster import Ortho, open_ortho
+from pipeline.tiling import Tile, group_tiles, plan_tiles
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total); stage "tiles" advances per tile
+
+OUTPUT_NAMES = ("crowns.geojson", "inventory.gpkg", "crowns.csv", "crown_mask.tif", "quicklook.png",
+                "quicklook.wld", "quicklook.png.aux.xml", "summary.json", "report.html")
+
+
+def default_model_path(name: str) -> Path:
+    """``models/zoo/<name>`` located without importing torch (models/__init__ is torch-free)."""
+    try:
+        return Path(str(importlib.resources.files("models") / "zoo" / name))
+    except ModuleNotFoundError:  # pragma: no cover - models/ not installed
+        return Path(__file__).resolve().parents[1] / "models" / "zoo" / name
+
+
+@dataclass
+class InventoryConfig:
+    """Every parameter of one inventory run (paths, bands 1-based, CRS as "EPSG:XXXX")."""
+
+    ortho: Path
+    out_dir: Path
+    chm: Path | None = None
+    dtm: Path | None = None
+    dsm: Path | None = None
+    crown_model: Path | None = None  # None: models/zoo/crowns.onnx
+    species_model: Path | None = None  # None: models/zoo/species.onnx when present, else species "unknown"
+    use_species_model: bool = True
+    bands: tuple[int, int, int] = (1, 2, 3)
+    crs: str | None = None
+    threads: int | None = None  # ONNX intra-op threads; None = all cores
+    seed: int = 0
+    plots: Path | None = None
+    batch_size: int = 4
+    tiles_per_group: int = 32
+    cell_m: float = 100.0
+    postprocess: dict[str, float] = field(default_factory=dict)  # overrides the model's own thresholds
+    carbon: dict[str, Any] = field(default_factory=dict)  # extra CarbonConfig fields
+
+    def __post_init__(self) -> None:
+        for name in ("ortho", "out_dir", "chm", "dtm", "dsm", "crown_model", "species_model", "plots"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+        self.bands = tuple(int(b) for b in self.bands)  # type: ignore[assignment]
+
+
+@dataclass
+class RunPlan:
+    """What ``validate`` found and planned; picklable (open handles live in a per-thread cache)."""
+
+    config: InventoryConfig
+    work_dir: Path
+    crown_model_path: Path
+    species_model_path: Path | None
+    models: dict[str, str]  # model name -> sha256
+    crown_meta: ModelMeta
+    species_meta: ModelMeta | None
+    postprocess: dict[str, float]
+    width: int
+    height: int
+    transform: tuple[float, ...]
+    crs: str  # working CRS, WKT
+    crs_name: str
+    gsd_m: float
+    warped: bool
+    tiles: list[Tile]
+    groups: list[list[int]]
+    fingerprint: str
+    started: float = field(default_factory=time.time)
+    _local: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_local"] = None
+        return state
+
+    def _cache(self) -> dict:
+        if self._local is None:
+            self._local = threading.local()
+        if not hasattr(self._local, "items"):
+            self._local.items = {}
+        return self._local.items
+
+    def ortho(self) -> Ortho:
+        """The orthomosaic opened on the working grid (one handle per thread)."""
+        cache = self._cache()
+        if "ortho" not in cache:
+            cfg = self.config
+            cache["ortho"] = open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, target_gsd_m=self.crown_meta.gsd_m)
+        return cache["ortho"]
+
+    def crown_model(self) -> OnnxModel:
+        return _shared_model(self.crown_model_path, self.config.threads, CROWN_TASK)
+
+    def species_model(self) -> OnnxModel | None:
+        if self.species_model_path is None:
+            return None
+        return _shared_model(self.species_model_path, self.config.threads, SPECIES_TASK)
+
+    @property
+    def groups_dir(self) -> Path:
+        return self.work_dir / "groups"
+
+    def group_path(self, group_index: int) -> Path:
+        return self.groups_dir / f"group_{group_index:05d}.gpkg"
+
+    def close(self) -> None:
+        """Close this thread's open orthomosaic handle."""
+        cache = self._cache()
+        ortho = cache.pop("ortho", None)
+        if ortho is not None:
+            ortho.close()
+
+
+_MODELS: dict[tuple[str, int | None], OnnxModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _shared_model(path: Path, threads: int | None, task: str) -> OnnxModel:
+    """One session per (model, threads) per process; ``OnnxModel.run`` is thread-safe."""
+    key = (str(Path(path).resolve()), threads)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = OnnxModel(path, threads=threads, expected_task=task)
+        return _MODELS[key]
+
+
+def _file_fingerprint(path: Path | None) -> list:
+    if path is None:
+        return []
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, int(st.st_mtime)]
+
+
+def _check_exists(path: Path | None, flag: str) -> None:
+    if path is not None and not path.exists():
+        raise InputError(f"{path}: file given to {flag} not found; pass an existing file")
+
+
+def validate(config: InventoryConfig) -> RunPlan:
+    """Open and check every input and model, plan tiles and tile groups, prepare ``out/.work``.
+
+    Raises InputError (one line naming the file and the fix) for any bad input."""
+    from pipeline.height import open_height_raster
+
+    cfg = config
+    _check_exists(cfg.ortho, "ORTHO")
+    crown_path = cfg.crown_model or default_model_path("crowns.onnx")
+    if not crown_path.is_file():
+        raise InputError(f"{crown_path}: crown model not found; pass --crown-model PATH (an ONNX crown model)")
+    crown = _shared_model(crown_path, cfg.threads, CROWN_TASK)
+    species_path = None
+    if cfg.use_species_model:
+        species_path = cfg.species_model or default_model_path("species.onnx")
+        if cfg.species_model is not None:
+            _check_exists(species_path, "--species-model")
+        if not species_path.is_file():
+            species_path = None
+    species = _shared_model(species_path, cfg.threads, SPECIES_TASK) if species_path else None
+    for path, flag in ((cfg.chm, "--chm"), (cfg.dsm, "--dsm"), (cfg.dtm, "--dtm"), (cfg.plots, "--plots")):
+        _check_exists(path, flag)
+    if (cfg.dsm is None) != (cfg.dtm is None) and cfg.chm is None:
+        raise InputError("heights from a DSM need a DTM as well: pass both --dsm and --dtm (or --chm)")
+    for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
+        if path is not None:
+            open_height_raster(path, what).close()
+    if cfg.plots is not None:
+        _read_plots(cfg.plots)
+    pp = dict(postprocess_kwargs(crown.meta.postprocess))
+    pp.update(postprocess_kwargs(cfg.postprocess))
+    with open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, target_gsd_m=crown.meta.gsd_m) as ortho:
+        tiles = plan_tiles(ortho.width, ortho.height, crown.meta.tile_size, crown.meta.overlap_px)
+        grid = dict(width=ortho.width, height=ortho.height, transform=tuple(ortho.transform)[:6],
+                    crs=ortho.crs.to_wkt(), crs_name=ortho.crs.to_string(), gsd_m=ortho.gsd_m,
+                    warped=ortho.warped)
+    groups = group_tiles(tiles, cfg.tiles_per_group)
+    models = {crown_path.stem: crown.sha256}
+    if species is not None:
+        models[species_path.stem] = species.sha256
+    fp_doc = {"ortho": _file_fingerprint(cfg.ortho), "crown": crown.sha256, "bands": list(cfg.bands),
+              "crs": cfg.crs, "chm": _file_fingerprint(cfg.chm), "dsm": _file_fingerprint(cfg.dsm),
+              "dtm": _file_fingerprint(cfg.dtm), "postprocess": pp, "tiles_per_group": cfg.tiles_per_group,
+              "version": pipeline.__version__}
+    fingerprint = hashlib.sha256(json.dumps(fp_doc, sort_keys=True).encode()).hexdigest()[:16]
+    try:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{cfg.out_dir}: cannot create the output folder ({exc.strerror}); pass a writable "
+                         "--out") from None
+    work = cfg.out_dir / ".work"
+    plan_file = work / "plan.json"
+    if plan_file.exists():
+        try:
+            old = json.loads(plan_file.read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != fingerprint:
+            shutil.rmtree(work / "groups", ignore_errors=True)
+    (work / "groups").mkdir(parents=True, exist_ok=True)
+    with atomic_path(plan_file) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, **fp_doc}, indent=1))
+    return RunPlan(config=cfg, work_dir=work, crown_model_path=crown_path, species_model_path=species_path,
+                   models=models, crown_meta=crown.meta, species_meta=species.meta if species else None,
+                   postprocess=pp, tiles=tiles, groups=groups, fingerprint=fingerprint, **grid)
+
+
+def _heights_for_tile(plan: RunPlan, ortho: Ortho, tile: Tile, handles: dict) -> np.ndarray | None:
+    """CHM (or DSM - DTM) warped onto the tile's grid, for CHM-maxima seeds; None without one."""
+    from pipeline.height import open_height_raster, read_on_grid
+
+    cfg = plan.config
+    if cfg.chm is None and (cfg.dsm is None or cfg.dtm is None):
+        return None
+    if not handles:
+        for key, path in (("chm", cfg.chm), ("dsm", cfg.dsm), ("dtm", cfg.dtm)):
+            if path is not None:
+                handles[key] = open_height_raster(path, key.upper())
+    shape = (int(tile.window.height), int(tile.window.width))
+    wt = ortho.window_transform(tile.window)
+    if "chm" in handles:
+        return read_on_grid(handles["chm"], ortho.crs, wt, shape)
+    return np.maximum(read_on_grid(handles["dsm"], ortho.crs, wt, shape)
+                      - read_on_grid(handles["dtm"], ortho.crs, wt, shape), 0.0)
+
+
+def _empty_crowns(crs: str) -> gpd.GeoDataFrame:
+    return gpd.GeoDataFrame({"score": pd.Series(dtype="float64"), "area_px": pd.Series(dtype="int64"),
+                             "centroid_x": pd.Series(dtype="float64"), "centroid_y": pd.Series(dtype="float64"),
+                             "tile_index": pd.Series(dtype="int64")},
+                            geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+
+
+def infer_group(plan: RunPlan, group_index: int, progress: Progress | None = None) -> Path:
+    """Segment the tiles of one group, extract crowns, apply the seam rule, persist them.
+
+    Writes ``out/.work/groups/group_XXXXX.gpkg`` (crowns, working CRS) and a ``.json`` with tile counts
+    and the valid (unmasked) core area; an existing group file is reused (resume)."""
+    from pipeline.segment import predict_tiles
+
+    path = plan.group_path(group_index)
+    stats_path = path.with_suffix(".json")
+    tiles = [plan.tiles[i] for i in plan.groups[group_index]]
+    total = len(plan.tiles)
+    if path.exists() and stats_path.exists():
+        if progress:
+            progress("tiles", len(tiles), total)
+        return path
+    ortho, model = plan.ortho(), plan.crown_model()
+    rows: list[dict] = []
+    stats = {"n_tiles": len(tiles), "n_skipped": 0, "valid_px": 0}
+    handles: dict = {}
+
+    def skipped(tile: Tile) -> None:
+        stats["n_skipped"] += 1
+        if progress:
+            progress("tiles", 1, total)
+
+    try:
+        for tile, probs, valid in predict_tiles(model, ortho, tiles, plan.config.batch_size, on_skip=skipped):
+            r0, r1, c0, c1 = tile.core_in_tile()
+            stats["valid_px"] += int(valid[r0:r1, c0:c1].sum())
+            chm = _heights_for_tile(plan, ortho, tile, handles)
+            cands = extract_crowns(probs, valid, ortho.window_transform(tile.window), chm=chm,
+                                   core=(r0, r1, c0, c1), **plan.postprocess)
+            for cand in keep_in_core(cands, tile, ortho.transform):
+                rows.append({"geometry": cand.polygon, "score": cand.score, "area_px": cand.area_px,
+                             "centroid_x": cand.centroid_xy[0], "centroid_y": cand.centroid_xy[1],
+                             "tile_index": tile.index})
+            if progress:
+                progress("tiles", 1, total)
+    finally:
+        for h in handles.values():
+            h.close()
+    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=plan.crs) if rows else _empty_crowns(plan.crs)
+    stats["valid_area_m2"] = stats["valid_px"] * plan.gsd_m ** 2
+    with atomic_path(stats_path) as tmp:
+        tmp.write_text(json.dumps(stats))
+    with atomic_path(path) as tmp:
+        pyogrio.write_dataframe(gdf, tmp, layer="crowns", driver="GPKG", geometry_type="Polygon")
+    return path
+
+
+def group_stats(plan: RunPlan) -> dict[str, float]:
+    """Totals over the persisted groups: tiles, skipped tiles, valid (unmasked) area in m²."""
+    out = {"n_tiles": 0, "n_skipped": 0, "valid_area_m2": 0.0}
+    for gi in range(len(plan.groups)):
+        p = plan.group_path(gi).with_suffix(".json")
+        if p.exists():
+            s = json.loads(p.read_text())
+            for k in out:
+                out[k] += s.get(k, 0)
+    return out
+
+
+def collect_crowns(plan: RunPlan, group_paths: list[Path]) -> gpd.GeoDataFrame:
+    """All groups' crowns in one frame with ``tree_id`` (1..n, row-major by tile), ``crown_area_m2``,
+    ``crown_diameter_m`` (2·sqrt(A/π)), centroid ``x``/``y`` (working CRS) and ``lon``/``lat`` (WGS84)."""
+    frames = [pyogrio.read_dataframe(p, layer="crowns") for p in group_paths]
+    frames = [f for f in frames if len(f)]
+    crowns = pd.concat(frames, ignore_index=True) if frames else _empty_crowns(plan.crs)
+    crowns = gpd.GeoDataFrame(crowns, geometry="geometry", crs=plan.crs)
+    crowns = crowns.sort_values(["tile_index", "centroid_y", "centroid_x"], ascending=[True, False, True],
+                                kind="stable").reset_index(drop=True)
+    crowns.insert(0, "tree_id", np.arange(1, len(crowns) + 1, dtype=np.int64))
+    area = crowns.geometry.area.to_numpy()
+    crowns["crown_area_m2"] = area
+    crowns["crown_diameter_m"] = 2.0 * np.sqrt(area / math.pi)
+    crowns["x"] = crowns["centroid_x"]
+    crowns["y"] = crowns["centroid_y"]
+    lonlat = gpd.GeoSeries(gpd.points_from_xy(crowns["x"], crowns["y"]), crs=plan.crs).to_crs(4326)
+    crowns["lon"] = lonlat.x.to_numpy() if len(crowns) else np.zeros(0)
+    crowns["lat"] = lonlat.y.to_numpy() if len(crowns) else np.zeros(0)
+    return crowns.drop(columns=["centroid_x", "centroid_y", "area_px"])
+
+
+def add_attributes(plan: RunPlan, crowns: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Species (``species``, ``species_prob``; class probabilities in ``attrs``) and height (``height_m``,
+    ``height_source``) per crown."""
+    from pipeline.height import crown_heights
+    from pipeline.species import classify_crowns
+
+    trees = crowns.copy()
+    species, species_prob, probs = classify_crowns(plan.species_model(), plan.ortho(), trees)
+    trees["species"] = species
+    trees["species_prob"] = species_prob
+    cfg = plan.config
+    height_m, source = crown_heights(trees, chm=cfg.chm, dsm=cfg.dsm, dtm=cfg.dtm)
+    trees["height_m"] = height_m
+    trees["height_source"] = np.where(np.isfinite(height_m), source, "none") if source != "none" else "none"
+    trees.attrs["species_probs"] = probs
+    trees.attrs["species_classes"] = list(plan.species_meta.class_names) if plan.species_meta else []
+    return trees
+
+
+def _read_plots(path: Path) -> gpd.GeoDataFrame:
+    try:
+        plots = gpd.read_file(path)
+    except Exception:  # noqa: BLE001 - pyogrio raises DataSourceError and others
+        raise InputError(f"{path}: --plots is not a readable vector file; pass a GeoPackage/GeoJSON of plot "
+                         "polygons") from None
+    if plots.crs is None:
+        raise InputError(f"{path}: --plots has no CRS; save it with one")
+    return plots
+
+
+def _grid(plan: RunPlan) -> gpd.GeoDataFrame:
+    from pipeline.aggregate import grid_cells
+
+    left, top = plan.transform[2], plan.transform[5]
+    right, bottom = left + plan.transform[0] * plan.width, top + plan.transform[4] * plan.height
+    return grid_cells((left, bottom, right, top), plan.crs, cell_m=plan.config.cell_m)
+
+
+def _species_ids(species: pd.Series) -> tuple[np.ndarray, list[str]]:
+    names = sorted(set(species))
+    code = {n: i for i, n in enumerate(names)}
+    return np.array([code[s] for s in species], dtype=np.int64), names
+
+
+def tree_groups(plan: RunPlan, trees: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Grouping ids per tree (``cell``, ``species``, ``plot`` when --plots) and what each id means."""
+    from pipeline.aggregate import assign_cells, assign_plots
+
+    x, y = trees["x"].to_numpy(), trees["y"].to_numpy()
+    grid = _grid(plan)
+    groups = {"cell": np.asarray(assign_cells(x, y, grid), dtype=np.int64)}
+    sp_ids, sp_names = _species_ids(trees["species"])
+    groups["species"] = sp_ids
+    info: dict[str, Any] = {"grid": grid, "species": sp_names}
+    if plan.config.plots is not None:
+        plots = _read_plots(plan.config.plots).to_crs(plan.crs)
+        groups["plot"] = np.asarray(assign_plots(x, y, plots), dtype=np.int64)
+        info["plots"] = plots
+    return groups, info
+
+
+def add_carbon(plan: RunPlan, trees: gpd.GeoDataFrame):
+    """Biomass, carbon and CO2e per tree and per group through ``pipeline.carbon.estimate_carbon``."""
+    from pipeline.carbon import CarbonConfig, estimate_carbon
+
+    groups, _ = tree_groups(plan, trees)
+    extra = dict(plan.config.carbon)
+    fields = getattr(CarbonConfig, "__dataclass_fields__", {})
+    if "seed" in fields:
+        extra.setdefault("seed", plan.config.seed)
+    if "species_probs" in fields and trees.attrs.get("species_classes"):
+        extra.setdefault("species_probs", trees.attrs.get("species_probs"))
+        extra.setdefault("species_classes", trees.attrs.get("species_classes"))
+    config = CarbonConfig(**extra)
+    table = pd.DataFrame(trees.drop(columns=trees.geometry.name))
+    result = estimate_carbon(table, config, groups)
+    return result
+
+
+def _row(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, pd.DataFrame):
+        return obj.iloc[0].to_dict() if len(obj) else {}
+    if isinstance(obj, pd.Series):
+        return obj.to_dict()
+    if isinstance(obj, dict):
+        return dict(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return dict(vars(obj))
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def build_summary(plan: RunPlan, result: Any, n_trees: int) -> dict[str, Any]:
+    """summary.json content (contract keys first; masses in t, areas in ha, CRS of the working grid)."""
+    stats = group_stats(plan)
+    area_ha = stats["valid_area_m2"] / 10_000.0
+    total = _row(getattr(result, "total", None))
+    standards = getattr(result, "standards", None)
+    summary = {
+        "n_trees": int(n_trees),
+        "area_ha": area_ha,
+        "trees_per_ha": n_trees / area_ha if area_ha > 0 else float("nan"),
+        "agb_t": _num(total.get("agb_t")),
+        "carbon_t": _num(total.get("carbon_t")),
+        "co2e_t": _num(total.get("co2e_t")),
+        "co2e_t_ci90": [_num(total.get("co2e_t_ci90_low")), _num(total.get("co2e_t_ci90_high"))],
+        "crs": plan.crs_name,
+        "gsd_m": plan.gsd_m,
+        "models": dict(plan.models),
+        "elapsed_s": time.time() - plan.started,
+        "version": pipeline.__version__,
+        "agb_t_sd": _num(total.get("agb_t_sd")),
+        "co2e_t_sd": _num(total.get("co2e_t_sd")),
+        "co2e_t_ci95": [_num(total.get("co2e_t_ci95_low")), _num(total.get("co2e_t_ci95_high"))],
+        "co2e_halfwidth90_pct": _num(total.get("co2e_halfwidth90_pct")),
+        "input": str(plan.config.ortho),
+        "bands": list(plan.config.bands),
+        "resampled_or_reprojected": bool(plan.warped),
+        "n_tiles": int(stats["n_tiles"]),
+        "n_tiles_skipped": int(stats["n_skipped"]),
+        "height_inputs": {k: str(v) for k, v in (("chm", plan.config.chm), ("dsm", plan.config.dsm),
+                                                 ("dtm", plan.config.dtm)) if v is not None},
+        "crown_model": {"path": str(plan.crown_model_path), "version": plan.crown_meta.model_version,
+                        "postprocess": plan.postprocess or {k: v for k, v in CROWN_DEFAULTS.items()}},
+        "species_model": None if plan.species_meta is None else
+        {"path": str(plan.species_model_path), "version": plan.species_meta.model_version},
+        "seed": plan.config.seed,
+    }
+    if standards is not None:
+        summary["standards"] = _jsonable(standards)
+    return summary
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, pd.DataFrame):
+        return json.loads(obj.to_json(orient="records"))
+    if isinstance(obj, pd.Series):
+        return json.loads(obj.to_json())
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(asdict(obj))
+    return obj
+
+
+def _group_table(result: Any, name: str) -> pd.DataFrame | None:
+    groups = getattr(result, "groups", None) or {}
+    table = groups.get(name)
+    return None if table is None else pd.DataFrame(table)
+
+
+def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) -> dict[str, Any]:
+    """Write every deliverable into ``out/``; all are staged in out/.work/stage and moved in only when all
+    succeeded, so a failing run leaves no partial outputs. Returns the summary."""
+    from pipeline import export
+
+    trees = result.trees
+    if not isinstance(trees, gpd.GeoDataFrame):
+        trees = gpd.GeoDataFrame(trees, geometry="geometry", crs=plan.crs)
+    _, info = tree_groups(plan, trees)
+    grid = info["grid"].copy()
+    cell_table = _group_table(result, "cell")
+    if cell_table is not None:
+        grid = grid.merge(cell_table, left_on=grid.columns[0] if "cell_id" not in grid else "cell_id",
+                          right_index=True, how="left") if "cell_id" in grid or len(grid.columns) > 1 else grid
+    species_table = _group_table(result, "species")
+    if species_table is not None:
+        species_table = species_table.copy()
+        names = info["species"]
+        species_table.insert(0, "species", [names[int(i)] if 0 <= int(i) < len(names) else "none"
+                                            for i in species_table.index])
+    summary = build_summary(plan, result, len(trees))
+    stage = plan.work_dir / "stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    out = plan.config.out_dir
+    try:
+        steps = 7
+        done = 0
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress("outputs", done, steps)
+
+        export.write_geojson(stage / "crowns.geojson", trees)
+        step()
+        export.write_csv(stage / "crowns.csv", trees)
+        step()
+        ortho = plan.ortho()
+        export.write_crown_mask(stage / "crown_mask.tif", trees, plan.width, plan.height,
+                                ortho.transform, ortho.crs)
+        step()
+        rgb, valid, qt = ortho.read_decimated(2048)
+        export.write_quicklook(stage / "quicklook.png", rgb, valid, qt, ortho.crs, trees)
+        step()
+        summary["elapsed_s"] = time.time() - plan.started
+        summary["outputs"] = [n for n in OUTPUT_NAMES if n != "report.html"]
+        export.write_gpkg(stage / "inventory.gpkg", trees, grid, species_table, summary)
+        step()
+        try:
+            from pipeline.report import write_report
+        except ImportError:
+            write_report = None
+        if write_report is not None:
+            write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}))
+            summary["outputs"].append("report.html")
+        step()
+        summary["elapsed_s"] = time.time() - plan.started
+        export.write_summary_json(stage / "summary.json", summary)
+        step()
+        for name in OUTPUT_NAMES:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def run_inventory(config: InventoryConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Validate, segment every tile group (resuming finished ones), attribute, add carbon, write outputs."""
+    plan = validate(config)
+    try:
+        paths = [infer_group(plan, gi, progress) for gi in range(len(plan.groups))]
+        crowns = collect_crowns(plan, paths)
+        if progress:
+            progress("attributes", 0, 1)
+        trees = add_attributes(plan, crowns)
+        if progress:
+            progress("carbon", 0, 1)
+        result = add_carbon(plan, trees)
+        summary = write_outputs(plan, result, progress)
+    finally:
+        plan.close()
+    with contextlib.suppress(OSError):
+        shutil.rmtree(plan.groups_dir)
+    return summary

@@ -1,0 +1,73 @@
+"""Species per crown from the species model on crown chips (inference side; no torch).
+
+A chip is centred on the crown centroid, covers ``tile_size * gsd_m`` metres (the species model's chip
+size and GSD, from its metadata), is resampled to ``tile_size`` px, and pixels outside the crown polygon
+are zeroed. Crowns whose best softmax probability is below the model's ``unknown_threshold`` are "unknown".
+"""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import rasterio.features
+from affine import Affine
+from PIL import Image
+from rasterio.windows import Window
+
+from pipeline.onnx_model import OnnxModel
+from pipeline.raster import Ortho
+
+UNKNOWN = "unknown"
+
+
+def _resize(rgb: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    if rgb.shape[-1] == size and rgb.shape[-2] == size:
+        return rgb
+    if rgb.ndim == 2:
+        return np.asarray(Image.fromarray(rgb).resize((size, size), resample))
+    img = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)))
+    return np.asarray(img.resize((size, size), resample)).transpose(2, 0, 1)
+
+
+def crown_chip(ortho: Ortho, polygon, centroid_xy: tuple[float, float], chip_px: int,
+               chip_gsd_m: float) -> np.ndarray:
+    """uint8 [3, chip_px, chip_px] chip around ``centroid_xy`` (working CRS) with outside-crown pixels 0."""
+    span_px = max(1, int(round(chip_px * chip_gsd_m / ortho.gsd_m)))
+    col, row = (~ortho.transform) @ centroid_xy
+    window = Window(int(round(col - span_px / 2)), int(round(row - span_px / 2)), span_px, span_px)
+    rgb, valid = ortho.read(window)
+    chip = _resize(rgb, chip_px, Image.Resampling.BILINEAR)
+    ok = _resize(valid.astype(np.uint8), chip_px, Image.Resampling.NEAREST) > 0
+    chip_transform = ortho.window_transform(window) @ Affine.scale(span_px / chip_px)
+    inside = rasterio.features.rasterize([(polygon, 1)], out_shape=(chip_px, chip_px),
+                                         transform=chip_transform, fill=0, dtype="uint8") > 0
+    return np.where(inside & ok, chip, 0).astype(np.uint8)
+
+
+def classify_crowns(model: OnnxModel | None, ortho: Ortho, crowns_gdf: gpd.GeoDataFrame, batch_size: int = 64
+                    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(species per crown, probability of the best class [n], class probabilities [n, K]).
+
+    ``crowns_gdf`` is in the ortho's working CRS. Without a model: all "unknown", NaN, shape [n, 0]."""
+    n = len(crowns_gdf)
+    if model is None:
+        return [UNKNOWN] * n, np.full(n, np.nan), np.zeros((n, 0), dtype=np.float32)
+    names = model.meta.class_names
+    chip_px, chip_gsd = model.meta.tile_size, model.meta.gsd_m
+    probs = np.zeros((n, len(names)), dtype=np.float32)
+    geoms = crowns_gdf.geometry.to_numpy()
+    if "centroid_x" in crowns_gdf and "centroid_y" in crowns_gdf:
+        cxy = np.column_stack([crowns_gdf["centroid_x"].to_numpy(), crowns_gdf["centroid_y"].to_numpy()])
+    else:
+        cents = crowns_gdf.geometry.centroid
+        cxy = np.column_stack([cents.x.to_numpy(), cents.y.to_numpy()])
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        chips = np.stack([crown_chip(ortho, geoms[i], (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd)
+                          for i in range(start, stop)])
+        probs[start:stop] = model.run(chips)
+    best = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
+    best_prob = probs[np.arange(n), best] if n else np.zeros(0)
+    threshold = model.meta.unknown_threshold
+    species = [names[b] if p >= threshold else UNKNOWN for b, p in zip(best, best_prob, strict=True)]
+    return species, best_prob.astype(np.float64), probs
