@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -104,6 +105,92 @@ def synth_cmd(
 # --- commands: compress ---
 
 # --- commands: flows (batch, serve) ---
+
+
+def _flow_options(crown_model: Path | None, species_model: Path | None) -> dict[str, Any]:
+    """InventoryConfig fields the flow commands pass through (JSON-able: flow parameters are stored)."""
+    options: dict[str, Any] = {}
+    if crown_model is not None:
+        options["crown_model"] = str(crown_model)
+    if species_model is not None:
+        options["species_model"] = str(species_model)
+    return options
+
+
+@app.command("batch")
+@handle_errors
+def batch_command(
+    folder: Path = typer.Argument(..., help="Folder of orthomosaics (*.tif, *.tiff, *.vrt); <stem>_chm.tif "
+                                  "next to one is its CHM."),
+    out: Path = typer.Option(..., "--out", help="Output folder: one sub-folder per orthomosaic."),
+    crown_model: Path | None = typer.Option(None, "--crown-model", help="Crown ONNX model (default: zoo)."),
+    species_model: Path | None = typer.Option(None, "--species-model", help="Species ONNX model."),
+    force: bool = typer.Option(False, "--force", help="Redo orthomosaics that are already done."),
+    task_runner: str = typer.Option("threads", "--task-runner", help="threads | dask"),
+    dask_address: str | None = typer.Option(None, "--dask-address",
+                                            help="Existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                                            "(default: a temporary local cluster)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Threads or local Dask workers."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Inventory every orthomosaic in FOLDER as Prefect flows (embedded server: nothing to start).
+
+    Finished orthomosaics are skipped; an interrupted one resumes from its finished tile groups.
+    """
+    from flows.settings import configure
+
+    configure(out)
+    from flows.batch import run_batch
+
+    rows = run_batch(folder, out, options=_flow_options(crown_model, species_model), force=force,
+                     task_runner=task_runner, workers=workers, dask_address=dask_address)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"batch {folder} -> {out}")
+    for column in ("name", "status", "n_trees", "co2e_t", "seconds", "message"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in
+                        ("name", "status", "n_trees", "co2e_t", "seconds", "message")))
+    Console().print(table)
+    typer.echo(f"summary: {out / 'batch_summary.csv'}")
+    if any(row["status"] == "failed" for row in rows):
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+@handle_errors
+def serve_command(
+    out: Path = typer.Option(..., "--out", help="Output folder: one sub-folder per orthomosaic."),
+    folder: Path | None = typer.Option(None, "--folder", help="Input folder for --cron and --watch."),
+    cron: str | None = typer.Option(None, "--cron", help="Batch over --folder on this schedule, e.g. "
+                                    "'0 2 * * *' (02:00 daily)."),
+    watch: bool = typer.Option(False, "--watch", help="Start an inventory for each new file in --folder."),
+    watch_interval: float = typer.Option(30.0, "--watch-interval", min=1.0, help="Seconds between scans."),
+    name: str = typer.Option("forest-inventory", "--name", help="Deployment name."),
+    api_url: str | None = typer.Option(None, "--api-url", help="Prefect server API (default: "
+                                       "$PREFECT_API_URL), e.g. http://127.0.0.1:4200/api"),
+    crown_model: Path | None = typer.Option(None, "--crown-model", help="Crown ONNX model (default: zoo)."),
+    species_model: Path | None = typer.Option(None, "--species-model", help="Species ONNX model."),
+    task_runner: str = typer.Option("threads", "--task-runner", help="threads | dask"),
+    dask_address: str | None = typer.Option(None, "--dask-address", help="Existing Dask scheduler."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Threads or local Dask workers."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Serve the inventory deployments on a running local Prefect server (`prefect server start`)."""
+    import os
+
+    from flows.settings import configure
+
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    configure(out)
+    from flows.serve import serve
+
+    serve(out.resolve(), folder=folder.resolve() if folder else None, cron=cron, watch=watch,
+          watch_interval_s=watch_interval, name=name, options=_flow_options(crown_model, species_model),
+          task_runner=task_runner, workers=workers, dask_address=dask_address)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,161 @@
+"""Every orthomosaic in a folder, each as an inventory subflow, skipping those already done (field laptop).
+
+Works on Prefect's embedded ephemeral server: nothing to start. Output layout: ``<out>/<stem>/`` per
+orthomosaic (the same files as ``forest-inventory run``) and ``<out>/batch_summary.csv``.
+A CHM next to an orthomosaic named ``<stem>_chm.tif`` is used for its heights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.inventory import inventory_flow, outputs_present
+from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner
+from pipeline.atomic import atomic_path
+from pipeline.errors import InputError
+
+ORTHO_SUFFIXES = (".tif", ".tiff", ".vrt")
+#: rasters that accompany an orthomosaic and are not orthomosaics themselves
+AUXILIARY_SUFFIXES = ("_chm", "_dsm", "_dtm", "_mask")
+
+SUMMARY_COLUMNS = ("name", "status", "n_trees", "co2e_t", "co2e_t_ci90_low", "co2e_t_ci90_high",
+                   "seconds", "out", "message")
+
+
+def find_orthomosaics(folder: str | Path) -> list[Path]:
+    """The orthomosaics in ``folder`` (not recursive), sorted by name; CHM/DSM/DTM side files excluded."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder; pass the folder that holds the orthomosaics")
+    found = []
+    for path in sorted(root.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in ORTHO_SUFFIXES:
+            continue
+        if path.stem.lower().endswith(AUXILIARY_SUFFIXES):
+            continue
+        found.append(path)
+    return found
+
+
+def chm_for(ortho: Path) -> Path | None:
+    """``<stem>_chm.tif`` (or .tiff) next to the orthomosaic, if present."""
+    for suffix in (".tif", ".tiff"):
+        candidate = ortho.with_name(f"{ortho.stem}_chm{suffix}")
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def output_folder(out: str | Path, ortho: Path) -> Path:
+    """``<out>/<stem>``: where one orthomosaic's inventory goes."""
+    return Path(out) / ortho.stem
+
+
+def is_done(out_dir: str | Path) -> bool:
+    """An inventory is done when its summary and the files it lists are all there."""
+    return outputs_present(out_dir)
+
+
+def _summary_row(name: str, status: str, out_dir: Path, seconds: float, summary: dict[str, Any] | None,
+                 message: str = "") -> dict[str, Any]:
+    summary = summary or {}
+    total = summary.get("total") if isinstance(summary.get("total"), dict) else summary
+    row = {"name": name, "status": status, "out": str(out_dir), "seconds": round(seconds, 2),
+           "message": message}
+    for key in ("n_trees", "co2e_t", "co2e_t_ci90_low", "co2e_t_ci90_high"):
+        value = summary.get(key, total.get(key) if isinstance(total, dict) else None)
+        row[key] = value
+    return row
+
+
+def _read_summary(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_batch_summary(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """``batch_summary.csv``: one row per orthomosaic (written atomically)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS})
+    return path
+
+
+@flow(name="batch", validate_parameters=True)
+def batch_flow(folder: str, out: str, options: dict[str, Any] | None = None, force: bool = False,
+               task_runner: str = "threads", workers: int = DEFAULT_THREAD_WORKERS,
+               dask_address: str | None = None) -> list[dict[str, Any]]:
+    """Inventory every orthomosaic in ``folder`` into ``out/<stem>/``; returns the summary rows.
+
+    Orthomosaics whose outputs are complete are skipped unless ``force``. A failing orthomosaic is recorded
+    in the summary (status ``failed`` and its one-line message) and the batch goes on.
+    ``task_runner``/``workers``/``dask_address``: as ``forest-inventory batch --task-runner``.
+    """
+    orthos = find_orthomosaics(folder)
+    if not orthos:
+        raise InputError(f"{folder}: no orthomosaics (*.tif, *.tiff, *.vrt) found; pass the folder that "
+                         "holds them")
+    runner = make_task_runner(task_runner, workers=workers, dask_address=dask_address)
+    subflow = inventory_flow.with_options(task_runner=runner)
+    rows = []
+    for ortho in orthos:
+        out_dir = output_folder(out, ortho)
+        if not force and is_done(out_dir):
+            rows.append(_summary_row(ortho.stem, "skipped", out_dir, 0.0, _read_summary(out_dir),
+                                     "already done"))
+            continue
+        chm = chm_for(ortho)
+        start = time.perf_counter()
+        state = subflow(ortho=str(ortho), out=str(out_dir), chm=str(chm) if chm else None, options=options,
+                        return_state=True)
+        seconds = time.perf_counter() - start
+        if state.is_completed():
+            rows.append(_summary_row(ortho.stem, "done", out_dir, seconds, state.result()))
+        else:
+            exc = state.result(raise_on_failure=False)
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            rows.append(_summary_row(ortho.stem, "failed", out_dir, seconds, None, message))
+    write_batch_summary(Path(out) / "batch_summary.csv", rows)
+    return rows
+
+
+@contextlib.contextmanager
+def dask_cluster(workers: int) -> Iterator[str]:
+    """A temporary loopback Dask LocalCluster for the whole batch; yields its scheduler address."""
+    try:
+        from distributed import LocalCluster
+    except ModuleNotFoundError:
+        raise InputError("--task-runner dask needs distributed: install the dask extra "
+                         "(pip install '.[dask]')") from None
+    with LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def run_batch(folder: str | Path, out: str | Path, options: dict[str, Any] | None = None, force: bool = False,
+              task_runner: str = "threads", workers: int = DEFAULT_THREAD_WORKERS,
+              dask_address: str | None = None) -> list[dict[str, Any]]:
+    """Run :func:`batch_flow` in this process. With Dask and no address, one temporary LocalCluster serves
+    every orthomosaic (instead of one cluster per subflow)."""
+    from flows.settings import local_run
+
+    make_task_runner(task_runner, workers=workers, dask_address=dask_address)  # bad choices fail here, early
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(local_run())
+        if task_runner == "dask" and not dask_address:
+            dask_address = stack.enter_context(dask_cluster(workers))
+        return batch_flow(folder=str(folder), out=str(out), options=options, force=force,
+                          task_runner=task_runner, workers=workers, dask_address=dask_address)
