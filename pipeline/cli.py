@@ -73,6 +73,67 @@ def parse_bands(text: str) -> tuple[int, ...]:
 
 # --- commands: inventory (run) ---
 
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    ortho: str = typer.Argument(..., help="Orthomosaic (GeoTIFF, COG or VRT; RGB, RGBA or multiband)."),
+    out: str = typer.Option(..., "--out", help="Output folder (created; rerunning resumes unfinished work)."),
+    chm: str = typer.Option(None, "--chm", help="Canopy height model (any CRS/resolution), m."),
+    dtm: str = typer.Option(None, "--dtm", help="Digital terrain model, with --dsm: height = DSM - DTM."),
+    dsm: str = typer.Option(None, "--dsm", help="Digital surface model (needs --dtm)."),
+    crown_model: str = typer.Option(None, "--crown-model", help="Crown ONNX model [models/zoo/crowns.onnx]."),
+    species_model: str = typer.Option(None, "--species-model",
+                                      help="Species ONNX model [models/zoo/species.onnx when present]."),
+    no_species: bool = typer.Option(False, "--no-species", help="Skip species: every tree is 'unknown'."),
+    bands: str = typer.Option("1,2,3", "--bands", help="1-based red,green,blue band numbers."),
+    crs: str = typer.Option(None, "--crs", help="CRS for an input without one, e.g. EPSG:32617."),
+    threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads [all cores]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the carbon Monte Carlo."),
+    plots: str = typer.Option(None, "--plots", help="Plot polygons (GPKG/GeoJSON) for per-plot totals."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per ONNX call."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from pipeline.inventory import InventoryConfig, run_inventory
+
+    config = InventoryConfig(ortho=ortho, out_dir=out, chm=chm, dtm=dtm, dsm=dsm, crown_model=crown_model,
+                             species_model=species_model, use_species_model=not no_species,
+                             bands=parse_bands(bands), crs=crs, threads=threads, seed=seed, plots=plots,
+                             batch_size=batch_size)
+    console = Console(stderr=True)
+    labels = {"tiles": "segmenting tiles", "attributes": "species and height",
+              "carbon": "carbon (Monte Carlo)", "outputs": "writing outputs"}
+    columns = (TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(labels.get(stage, stage), total=max(total, 1))
+            if stage == "tiles":
+                bar.advance(tasks[stage], done)
+            else:
+                bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        summary = run_inventory(config, progress=progress)
+    table = Table(title=f"Inventory of {ortho}", show_header=False)
+    ci = summary.get("co2e_t_ci90") or [float("nan")] * 2
+    rows = [("trees", f"{summary['n_trees']:,}"), ("area (valid)", f"{summary['area_ha']:.3f} ha"),
+            ("trees per ha", f"{summary['trees_per_ha']:.1f}"), ("AGB", f"{summary['agb_t']:.2f} t"),
+            ("carbon", f"{summary['carbon_t']:.2f} t C"),
+            ("CO2e", f"{summary['co2e_t']:.2f} t (90% CI {ci[0]:.2f} to {ci[1]:.2f})"),
+            ("CRS / GSD", f"{summary['crs']} / {summary['gsd_m']:.3f} m"),
+            ("time", f"{summary['elapsed_s']:.1f} s"), ("outputs", str(out))]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
 # --- commands: synth ---
 
 
@@ -101,6 +162,78 @@ def synth_cmd(
 
 
 # --- commands: models (train, evaluate) ---
+@train_app.command("crowns")
+@handle_errors
+def train_crowns_cmd(
+    boxes: list[str] = typer.Option(None, "--boxes", help="DeepForest CSV or Pascal VOC XML (repeatable); "
+                                    "default: the NEON YELL + SOAP boxes in models/data/neon"),
+    polygons: list[str] = typer.Option(None, "--polygons", help="crown polygons (GeoJSON/GPKG/shp), repeatable"),
+    polygon_image: list[str] = typer.Option(None, "--polygon-image", help="GeoTIFF under each --polygons"),
+    out: str = typer.Option("checkpoints/crowns", "--out", help="checkpoint folder (resumes from last.pt)"),
+    export: str = typer.Option(None, "--export", help="write the ONNX model here (default OUT/crowns.onnx)"),
+    iterations: int = typer.Option(1500, "--iterations", help="training steps"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    gsd_m: float = typer.Option(0.15, "--gsd-m", help="model ground sample distance, m"),
+    image_gsd_m: float = typer.Option(0.1, "--image-gsd-m", help="GSD of non-georeferenced images, m"),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+    model_version: str = typer.Option("crowns-custom", "--model-version"),
+    no_resume: bool = typer.Option(False, "--no-resume", help="ignore an existing checkpoint"),
+    tta: bool = typer.Option(False, "--tta", help="flip/rotate test-time augmentation during validation"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
+    from models.train_crowns import DEFAULT_ANNOTATIONS, TrainCrownsConfig, run_training
+
+    cfg = TrainCrownsConfig(boxes=list(boxes) if boxes else ([] if polygons else list(DEFAULT_ANNOTATIONS)),
+                            polygons=list(polygons or []), polygon_images=list(polygon_image or []),
+                            out_dir=out, iterations=iterations, batch_size=batch_size, seed=seed, gsd_m=gsd_m,
+                            image_gsd_m=image_gsd_m, threads=threads)
+    result = run_training(cfg, export or f"{out}/crowns.onnx", model_version=model_version,
+                          resume=not no_resume, tta=tta, log=typer.echo)
+    typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")
+
+
+@train_app.command("species")
+@handle_errors
+def train_species_cmd(
+    out: str = typer.Option("out/species", "--out", help="Output folder (species.onnx, metrics)."),
+    ortho: list[str] = typer.Option(None, "--ortho", help="Orthomosaic of user crowns (repeatable, pairs "
+                                    "with --crowns). Default: synthetic scenes generated by seed."),
+    crowns: list[str] = typer.Option(None, "--crowns", help="Crown polygons with species (repeatable)."),
+    species_column: str = typer.Option("species", "--species-column", help="Column with the species."),
+    train_seeds: str = typer.Option("101,102,103,104", "--train-seeds", help="Synthetic training seeds."),
+    val_seed: int = typer.Option(201, "--val-seed", help="Synthetic validation scene (model selection)."),
+    test_seed: int = typer.Option(301, "--test-seed", help="Synthetic test scene (never trained on)."),
+    scene_size_m: float = typer.Option(250.0, "--scene-size-m", help="Edge of each synthetic scene, m."),
+    epochs: int = typer.Option(24, "--epochs"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    chip_px: int = typer.Option(64, "--chip-px", help="Chip edge in px (model tile_size)."),
+    chip_gsd_m: float = typer.Option(0.2, "--chip-gsd-m", help="GSD at which chips are cut, m."),
+    unknown_threshold: float = typer.Option(0.4, "--unknown-threshold", help="Below this top probability the "
+                                            "species is 'unknown'."),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+    seed: int = typer.Option(0, "--seed", help="Training seed (initialisation, shuffling, augmentation)."),
+    model_version: str = typer.Option("species-custom", "--model-version"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Train the species chip classifier (synthetic scenes by default, or labelled crowns), export ONNX."""
+    from models.train_species import SpeciesTrainConfig, train_species
+
+    try:
+        seeds = tuple(int(s) for s in train_seeds.split(","))
+    except ValueError:
+        raise InputError(f"--train-seeds {train_seeds!r} must be integers, e.g. 101,102") from None
+    cfg = SpeciesTrainConfig(out_dir=out, ortho=list(ortho or []), crowns=list(crowns or []),
+                             species_column=species_column, train_seeds=seeds, val_seed=val_seed,
+                             test_seed=test_seed, scene_size_m=scene_size_m, epochs=epochs,
+                             batch_size=batch_size,
+                             chip_px=chip_px, chip_gsd_m=chip_gsd_m, unknown_threshold=unknown_threshold,
+                             threads=threads, seed=seed, model_version=model_version)
+    result = train_species(cfg, log=typer.echo)
+    typer.echo(f"model: {result['onnx']}  validation macro-F1: {result['validation_macro_f1']:.3f}"
+               + (f"  test macro-F1: {result['test']['macro_f1']:.3f}" if "test" in result else ""))
+
 
 # --- commands: compress ---
 
