@@ -1,0 +1,165 @@
+"""Monte Carlo: centring, reproducibility, shrinking intervals, correlated parameter error, standards."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.carbon import CarbonConfig, agb_chave2014_eq4_kg, estimate_carbon
+from pipeline.carbon import standards as st
+from pipeline.carbon.montecarlo import McInputs, SharedFactors, run_monte_carlo
+from pipeline.errors import InputError
+
+CONTRACT_COLUMNS = ["dbh_cm", "wood_density", "wood_density_level", "dbh_model", "agb_model", "agb_kg",
+                    "agb_kg_sd", "agb_kg_p5", "agb_kg_p95", "bgb_kg", "carbon_kg", "co2e_kg", "height_m",
+                    "height_source"]
+GROUP_COLUMNS = ["n_trees", "agb_t", "agb_t_sd", "carbon_t", "co2e_t", "co2e_t_sd", "co2e_t_ci90_low",
+                 "co2e_t_ci90_high", "co2e_t_ci95_low", "co2e_t_ci95_high", "co2e_halfwidth90_pct"]
+
+
+def _trees(n, seed=0, species=("Pinus palustris", "Quercus laevis", "Acer rubrum"), chm=True):
+    rng = np.random.default_rng(seed)
+    h = rng.uniform(8, 28, n) if chm else np.full(n, np.nan)
+    return pd.DataFrame({"tree_id": np.arange(n), "crown_area_m2": rng.uniform(5, 80, n), "height_m": h,
+                         "height_source": "chm" if chm else "none", "species": rng.choice(species, n),
+                         "species_prob": 0.9})
+
+
+def test_acceptance_tree_through_estimate(tmp_path):
+    wd = tmp_path / "wd.csv"
+    wd.write_text("taxon,wood_density_gcm3\nTestus arboreus,0.6\n")
+    trees = pd.DataFrame({"tree_id": [1], "crown_diameter_m": [10.0], "height_m": [25.0],
+                          "height_source": ["chm"], "species": ["Testus arboreus"], "species_prob": [1.0]})
+    res = estimate_carbon(trees, CarbonConfig(wood_density_csv=str(wd), n_draws=2000))
+    row = res.trees.iloc[0]
+    assert row["dbh_cm"] == pytest.approx(48.6, abs=0.05)
+    assert row["agb_kg"] / 1000 == pytest.approx(1.85, abs=0.01)
+    assert row["agb_model"] == "chave2014_eq4" and row["dbh_model"] == "jucker2017_global"
+    assert row["agb_kg_p5"] < row["agb_kg"] < row["agb_kg_p95"]
+    assert row["bgb_kg"] == pytest.approx(0.20 * row["agb_kg"])  # default ecozone, smallest class R
+    assert row["co2e_kg"] == pytest.approx(0.47 * 1.2 * row["agb_kg"] * 44 / 12)
+
+
+def test_mc_mean_equals_point_estimate_and_contract_columns():
+    res = estimate_carbon(_trees(300), CarbonConfig(n_draws=500))
+    t = res.trees
+    for col in CONTRACT_COLUMNS:
+        assert col in t.columns, col
+    point = agb_chave2014_eq4_kg(t["wood_density"], t["dbh_cm"], t["height_m"])
+    np.testing.assert_allclose(t["agb_kg"], point, rtol=1e-5)
+    # the analytic centring removes the bias before the per-tree rescaling: raw MC means sit on the point
+    assert abs(np.median(t["agb_mc_centring"]) - 1.0) < 0.01
+    assert (t["agb_kg_p5"] < t["agb_kg"]).all() and (t["agb_kg"] < t["agb_kg_p95"]).all()
+    assert res.total["agb_t"] == pytest.approx(point.sum() / 1000, rel=1e-5)
+
+
+def test_per_tree_intervals_match_the_draws():
+    # one tree in its own group: the group draws are the tree's draws
+    n = 1
+    inp = McInputs(ln_point=np.log([1000.0]), noise_var=np.array([0.2]), loadings=np.ones((n, 1)),
+                   param_sd=np.array([0.05]), plant_group=np.zeros(n, dtype=int))
+    res = run_monte_carlo(inp, SharedFactors(0.2, 0.0, (0.47, 0.47), 0.0), {"g": np.zeros(n, dtype=int)},
+                          n_draws=20000, seed=3)
+    draws = res.group_agb["g"][0]
+    assert draws.mean() == pytest.approx(1000.0, rel=1e-4)
+    assert np.quantile(draws, 0.05) == pytest.approx(res.agb_p5[0], rel=0.03)
+    assert np.quantile(draws, 0.95) == pytest.approx(res.agb_p95[0], rel=0.03)
+    assert draws.std() == pytest.approx(res.agb_sd[0], rel=0.05)
+
+
+def test_same_seed_same_numbers_any_thread_count():
+    trees = _trees(3000, seed=1)
+    groups = {"cell": np.arange(3000) % 7}
+    a = estimate_carbon(trees, CarbonConfig(seed=5, n_draws=400, threads=1), groups)
+    b = estimate_carbon(trees, CarbonConfig(seed=5, n_draws=400, threads=2), groups)
+    c = estimate_carbon(trees, CarbonConfig(seed=6, n_draws=400), groups)
+    assert a.total == b.total
+    pd.testing.assert_frame_equal(a.groups["cell"], b.groups["cell"])
+    pd.testing.assert_frame_equal(a.trees, b.trees)
+    assert a.total["co2e_t_ci90_low"] != c.total["co2e_t_ci90_low"]
+
+
+def _halfwidth(n, components):
+    rng = np.random.default_rng(0)
+    trees = pd.DataFrame({"tree_id": np.arange(n), "crown_diameter_m": rng.uniform(6, 8, n),
+                          "height_m": rng.uniform(18, 22, n), "height_source": "chm",
+                          "species": "Pinus palustris", "species_prob": 1.0})
+    res = estimate_carbon(trees, CarbonConfig(components=frozenset(components), n_draws=2000, seed=2))
+    return res.total["co2e_halfwidth90_pct"]
+
+
+def test_intervals_shrink_as_trees_are_added():
+    independent = {"measurement", "residuals", "wood_density"}
+    hw = [_halfwidth(n, independent) for n in (10, 100, 1000)]
+    assert hw[0] > hw[1] > hw[2]
+    assert hw[0] / hw[2] == pytest.approx(np.sqrt(100), rel=0.25)
+
+
+def test_correlated_parameter_error_does_not_shrink():
+    hw = [_halfwidth(n, {"parameters"}) for n in (10, 1000)]
+    assert hw[0] > 2.0
+    assert hw[1] == pytest.approx(hw[0], rel=0.1)
+
+
+def test_species_drawn_from_probabilities_widen_interval():
+    n = 200
+    trees = _trees(n, seed=4, species=("Pinus palustris",))
+    classes = ["Pinus palustris", "Quercus virginiana"]
+    probs = np.tile([0.5, 0.5], (n, 1))
+    fixed = estimate_carbon(trees, CarbonConfig(n_draws=800))
+    mixed = estimate_carbon(trees, CarbonConfig(n_draws=800, species_probs=probs, species_classes=classes))
+    np.testing.assert_allclose(mixed.trees["agb_kg"], fixed.trees["agb_kg"], rtol=1e-5)
+    assert (mixed.trees["agb_kg_p95"] > fixed.trees["agb_kg_p95"]).mean() > 0.8
+    with pytest.raises(InputError):
+        estimate_carbon(trees, CarbonConfig(species_probs=probs[:5], species_classes=classes))
+
+
+def test_groups_and_allometry_heights():
+    trees = _trees(400, seed=2, chm=False)
+    cell = np.arange(400) % 5 - 1  # -1: outside the grid
+    res = estimate_carbon(trees, CarbonConfig(n_draws=300), {"cell": cell})
+    g = res.groups["cell"]
+    for col in GROUP_COLUMNS:
+        assert col in g.columns, col
+    assert list(g.index) == [0, 1, 2, 3] and g["n_trees"].sum() == 320
+    assert (g["co2e_t_ci90_low"] < g["co2e_t"]).all() and (g["co2e_t"] < g["co2e_t_ci90_high"]).all()
+    assert (g["co2e_t_ci95_low"] <= g["co2e_t_ci90_low"]).all()
+    sp = res.groups["species"]
+    assert set(sp["species"]) == set(trees["species"]) and sp["n_trees"].sum() == 400
+    assert (res.trees["height_source"] == "allometry").all()
+    assert (res.trees["height_confidence"] == "low").all()
+    assert res.total["n_height_allometry"] == 400
+    # group totals add up to the total (same draws)
+    assert sp["agb_t"].sum() == pytest.approx(res.total["agb_t"], rel=1e-6)
+
+
+def test_jucker_direct_model_selectable_and_sensitivity():
+    trees = _trees(50)
+    res = estimate_carbon(trees, CarbonConfig(agb_model="jucker2017_hcd", n_draws=200))
+    assert (res.trees["agb_model"] == "jucker2017_hcd").all()
+    assert res.sensitivity["alternative_model"] == "chave2014_eq4"
+    assert res.sensitivity["alternative_agb_t"] == pytest.approx(
+        res.trees["agb_chave2014_eq4_kg"].sum() / 1000)
+    with pytest.raises(InputError):
+        CarbonConfig(agb_model="magic")
+
+
+def test_empty_and_bad_input():
+    res = estimate_carbon(_trees(0), CarbonConfig(n_draws=50))
+    assert res.total["n_trees"] == 0 and res.total["agb_t"] == 0
+    assert all(r["conservative_co2e_t"] == 0 for r in res.standards)
+    bad = _trees(3)
+    bad.loc[0, "crown_area_m2"] = 0
+    with pytest.raises(InputError, match="crown_area_m2"):
+        estimate_carbon(bad)
+
+
+def test_standards_rules():
+    vmd = st.vmd0017_deduction(100.0, 12.0)
+    assert vmd["deduction_pct"] == 0 and vmd["conservative_co2e_t"] == 100.0
+    assert st.vmd0017_deduction(100.0, 25.0)["conservative_co2e_t"] == pytest.approx(90.0)
+    art = st.art_trees_deduction(100.0, 20.0)
+    assert art["deduction_pct"] == pytest.approx(0.524417 * 20 / 1.645006)
+    assert st.vm0047_deduction(100.0, 8.0)["conservative_co2e_t"] == pytest.approx(92.0)
+    assert st.vm0047_deduction(100.0, 120.0)["conservative_co2e_t"] == 0.0
+    for rule in st.conservative_estimates(100.0, 10.0, 12.0):
+        assert rule["source"] and "version in force" in rule["note"]
