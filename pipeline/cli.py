@@ -73,6 +73,67 @@ def parse_bands(text: str) -> tuple[int, ...]:
 
 # --- commands: inventory (run) ---
 
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    ortho: str = typer.Argument(..., help="Orthomosaic (GeoTIFF, COG or VRT; RGB, RGBA or multiband)."),
+    out: str = typer.Option(..., "--out", help="Output folder (created; rerunning resumes unfinished work)."),
+    chm: str = typer.Option(None, "--chm", help="Canopy height model (any CRS/resolution), m."),
+    dtm: str = typer.Option(None, "--dtm", help="Digital terrain model, with --dsm: height = DSM - DTM."),
+    dsm: str = typer.Option(None, "--dsm", help="Digital surface model (needs --dtm)."),
+    crown_model: str = typer.Option(None, "--crown-model", help="Crown ONNX model [models/zoo/crowns.onnx]."),
+    species_model: str = typer.Option(None, "--species-model",
+                                      help="Species ONNX model [models/zoo/species.onnx when present]."),
+    no_species: bool = typer.Option(False, "--no-species", help="Skip species: every tree is 'unknown'."),
+    bands: str = typer.Option("1,2,3", "--bands", help="1-based red,green,blue band numbers."),
+    crs: str = typer.Option(None, "--crs", help="CRS for an input without one, e.g. EPSG:32617."),
+    threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads [all cores]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the carbon Monte Carlo."),
+    plots: str = typer.Option(None, "--plots", help="Plot polygons (GPKG/GeoJSON) for per-plot totals."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per ONNX call."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from pipeline.inventory import InventoryConfig, run_inventory
+
+    config = InventoryConfig(ortho=ortho, out_dir=out, chm=chm, dtm=dtm, dsm=dsm, crown_model=crown_model,
+                             species_model=species_model, use_species_model=not no_species,
+                             bands=parse_bands(bands), crs=crs, threads=threads, seed=seed, plots=plots,
+                             batch_size=batch_size)
+    console = Console(stderr=True)
+    labels = {"tiles": "segmenting tiles", "attributes": "species and height",
+              "carbon": "carbon (Monte Carlo)", "outputs": "writing outputs"}
+    columns = (TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(labels.get(stage, stage), total=max(total, 1))
+            if stage == "tiles":
+                bar.advance(tasks[stage], done)
+            else:
+                bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        summary = run_inventory(config, progress=progress)
+    table = Table(title=f"Inventory of {ortho}", show_header=False)
+    ci = summary.get("co2e_t_ci90") or [float("nan")] * 2
+    rows = [("trees", f"{summary['n_trees']:,}"), ("area (valid)", f"{summary['area_ha']:.3f} ha"),
+            ("trees per ha", f"{summary['trees_per_ha']:.1f}"), ("AGB", f"{summary['agb_t']:.2f} t"),
+            ("carbon", f"{summary['carbon_t']:.2f} t C"),
+            ("CO2e", f"{summary['co2e_t']:.2f} t (90% CI {ci[0]:.2f} to {ci[1]:.2f})"),
+            ("CRS / GSD", f"{summary['crs']} / {summary['gsd_m']:.3f} m"),
+            ("time", f"{summary['elapsed_s']:.1f} s"), ("outputs", str(out))]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
 # --- commands: synth ---
 
 

@@ -18,7 +18,7 @@ import rasterio
 import rasterio.features
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -44,8 +44,14 @@ def open_height_raster(path: str | os.PathLike, what: str = "CHM") -> rasterio.D
 
 
 def _warp(src: rasterio.DatasetReader, crs: CRS, transform: Affine, width: int, height: int) -> WarpedVRT:
-    return WarpedVRT(src, crs=crs, transform=transform, width=width, height=height,
-                     resampling=Resampling.bilinear, add_alpha=ColorInterp.alpha not in src.colorinterp)
+    """Lazy float32 view of ``src`` on the given grid; NaN off the raster and where the source is nodata."""
+    return WarpedVRT(src, crs=crs, transform=transform, width=width, height=height, dtype="float32",
+                     nodata=np.nan, resampling=Resampling.bilinear)
+
+
+def _read_valid(vrt: WarpedVRT, window: Window | None) -> np.ndarray:
+    """Band 1 as float32 with NaN wherever the source has no data."""
+    return vrt.read(1, window=window).astype(np.float32, copy=False)
 
 
 def native_resolution_m(src: rasterio.DatasetReader, crs: CRS) -> float:
@@ -60,8 +66,7 @@ def read_on_grid(src: rasterio.DatasetReader, crs: CRS, transform: Affine,
                  shape: tuple[int, int]) -> np.ndarray:
     """``src`` band 1 warped onto the grid (``crs``, ``transform``, ``shape``) as float32, NaN where none."""
     with _warp(src, crs, transform, shape[1], shape[0]) as vrt:
-        data = vrt.read(1, masked=True).astype(np.float32)
-    return data.filled(np.nan)
+        return _read_valid(vrt, None)
 
 
 def labelled_percentile(labels: np.ndarray, values: np.ndarray, n_labels: int,
@@ -132,7 +137,7 @@ def crown_heights(crowns_gdf: gpd.GeoDataFrame, chm: str | os.PathLike | None = 
             r0 = max(0, int(math.floor((top - b[:, 3].max()) / res)) - 1)
             r1 = min(height, int(math.ceil((top - b[:, 1].min()) / res)) + 1)
             win = Window(c0, r0, c1 - c0, r1 - r0)
-            layers = [v.read(1, window=win, masked=True).astype(np.float32).filled(np.nan) for v in vrts]
+            layers = [_read_valid(v, win) for v in vrts]
             values = layers[0] if len(layers) == 1 else np.maximum(layers[0] - layers[1], 0.0)
             wt = grid @ Affine.translation(c0, r0)
             labels = rasterio.features.rasterize(

@@ -411,20 +411,32 @@ def tree_groups(plan: RunPlan, trees: pd.DataFrame) -> tuple[dict[str, np.ndarra
 
 
 def add_carbon(plan: RunPlan, trees: gpd.GeoDataFrame):
-    """Biomass, carbon and CO2e per tree and per group through ``pipeline.carbon.estimate_carbon``."""
+    """Biomass, carbon and CO2e per tree and per group through ``pipeline.carbon.estimate_carbon``.
+
+    Returns the ``CarbonResult`` with ``trees`` as a GeoDataFrame (crown polygons, working CRS)."""
     from pipeline.carbon import CarbonConfig, estimate_carbon
 
     groups, _ = tree_groups(plan, trees)
     extra = dict(plan.config.carbon)
     fields = getattr(CarbonConfig, "__dataclass_fields__", {})
-    if "seed" in fields:
-        extra.setdefault("seed", plan.config.seed)
-    if "species_probs" in fields and trees.attrs.get("species_classes"):
-        extra.setdefault("species_probs", trees.attrs.get("species_probs"))
-        extra.setdefault("species_classes", trees.attrs.get("species_classes"))
-    config = CarbonConfig(**extra)
+    defaults = {"seed": plan.config.seed, "threads": plan.config.threads,
+                "area_ha": group_stats(plan)["valid_area_m2"] / 10_000.0 or None}
+    if trees.attrs.get("species_classes"):
+        defaults["species_probs"] = trees.attrs.get("species_probs")
+        defaults["species_classes"] = trees.attrs.get("species_classes")
+    for key, value in defaults.items():
+        if key in fields:
+            extra.setdefault(key, value)
     table = pd.DataFrame(trees.drop(columns=trees.geometry.name))
-    result = estimate_carbon(table, config, groups)
+    table.attrs = {}
+    result = estimate_carbon(table, CarbonConfig(**extra), groups)
+    out = result.trees
+    if len(out) != len(trees) or not np.array_equal(out["tree_id"].to_numpy(), trees["tree_id"].to_numpy()):
+        out = out.set_index("tree_id").loc[trees["tree_id"].to_numpy()].reset_index()
+    out = gpd.GeoDataFrame(pd.DataFrame(out).reset_index(drop=True),
+                           geometry=trees.geometry.reset_index(drop=True).to_numpy(), crs=plan.crs)
+    out.attrs = {}
+    result.trees = out
     return result
 
 
@@ -512,6 +524,20 @@ def _group_table(result: Any, name: str) -> pd.DataFrame | None:
     return None if table is None else pd.DataFrame(table)
 
 
+def _with_group_totals(grid: gpd.GeoDataFrame, table: pd.DataFrame | None) -> gpd.GeoDataFrame:
+    """Grid cells with their carbon totals (cells without trees get n_trees 0 and zero masses)."""
+    grid = grid.reset_index(drop=True)
+    if table is None or not len(table):
+        return grid
+    ids = grid["cell_id"].to_numpy() if "cell_id" in grid.columns else np.arange(len(grid))
+    joined = table.reindex(ids)
+    joined.index = grid.index
+    mass_cols = [c for c in joined.columns if c == "n_trees" or c.endswith("_t") or c.endswith("_t_sd")]
+    joined[mass_cols] = joined[mass_cols].fillna(0)
+    joined = joined.drop(columns=[c for c in joined.columns if c in grid.columns])
+    return gpd.GeoDataFrame(pd.concat([grid, joined], axis=1), geometry=grid.geometry.name, crs=grid.crs)
+
+
 def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) -> dict[str, Any]:
     """Write every deliverable into ``out/``; all are staged in out/.work/stage and moved in only when all
     succeeded, so a failing run leaves no partial outputs. Returns the summary."""
@@ -521,11 +547,7 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
     if not isinstance(trees, gpd.GeoDataFrame):
         trees = gpd.GeoDataFrame(trees, geometry="geometry", crs=plan.crs)
     _, info = tree_groups(plan, trees)
-    grid = info["grid"].copy()
-    cell_table = _group_table(result, "cell")
-    if cell_table is not None:
-        grid = grid.merge(cell_table, left_on=grid.columns[0] if "cell_id" not in grid else "cell_id",
-                          right_index=True, how="left") if "cell_id" in grid or len(grid.columns) > 1 else grid
+    grid = _with_group_totals(info["grid"], _group_table(result, "cell"))
     species_table = _group_table(result, "species")
     if species_table is not None:
         species_table = species_table.copy()
