@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from pipeline.errors import InputError
 
 GSD_TOLERANCE = 0.10  # resample when |input GSD - model GSD| > 10 % of the model GSD
 _SAMPLE_PX = 1024  # longest edge of the decimated read used for the stretch
+READ_ATTEMPTS = 3  # a failed read (network drive hiccup) is retried before the file is called corrupt
+READ_BACKOFF_S = 0.2  # wait before retry k: READ_BACKOFF_S * 2**k
 
 
 @dataclass(frozen=True)
@@ -174,14 +177,29 @@ class Ortho:
                                  add_alpha=ColorInterp.alpha not in src.colorinterp)
         self.gsd_m = math.sqrt(abs(self.transform.determinant))
         sample, valid, _ = self.read_decimated(_SAMPLE_PX, stretch=False)
+        if not valid.any():
+            raise InputError(f"{self.path}: every pixel is nodata or masked (nodata value, alpha or NaN); "
+                             "check the nodata setting or --bands, or pass an orthomosaic with image data")
         self.stretch = compute_stretch(sample, valid, self.dtype)
 
     # -- reading -------------------------------------------------------------------------------------------
     def _read_raw(self, window: Window, out_shape: tuple[int, int] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-        data = self._ds.read(self.bands, window=window, resampling=Resampling.nearest,
-                             out_shape=None if out_shape is None else (3, *out_shape))
-        mask = self._ds.dataset_mask(window=window, out_shape=out_shape, resampling=Resampling.nearest)
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                data = self._ds.read(self.bands, window=window, resampling=Resampling.nearest,
+                                     out_shape=None if out_shape is None else (3, *out_shape))
+                mask = self._ds.dataset_mask(window=window, out_shape=out_shape,
+                                             resampling=Resampling.nearest)
+                break
+            except RasterioIOError as exc:
+                if attempt + 1 < READ_ATTEMPTS:
+                    time.sleep(READ_BACKOFF_S * 2 ** attempt)
+                    continue
+                cause = str(exc.__cause__ or exc).strip().splitlines()
+                detail = (cause[0] if cause else type(exc).__name__)[:100]
+                raise InputError(f"{self.path}: reading pixels failed {READ_ATTEMPTS} times ({detail}): "
+                                 "the file is truncated or corrupt; copy or export it again") from None
         valid = mask > 0
         if np.issubdtype(data.dtype, np.floating):
             valid &= np.isfinite(data).all(axis=0)
