@@ -122,7 +122,8 @@ class RunPlan:
         cache = self._cache()
         if "ortho" not in cache:
             cfg = self.config
-            cache["ortho"] = open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, target_gsd_m=self.crown_meta.gsd_m)
+            cache["ortho"] = open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs,
+                                        target_gsd_m=self.crown_meta.gsd_m)
         return cache["ortho"]
 
     def crown_model(self) -> OnnxModel:
@@ -183,7 +184,8 @@ def validate(config: InventoryConfig) -> RunPlan:
     _check_exists(cfg.ortho, "ORTHO")
     crown_path = cfg.crown_model or default_model_path("crowns.onnx")
     if not crown_path.is_file():
-        raise InputError(f"{crown_path}: crown model not found; pass --crown-model PATH (an ONNX crown model)")
+        raise InputError(f"{crown_path}: crown model not found; pass --crown-model PATH (an ONNX crown "
+                         "model)")
     crown = _shared_model(crown_path, cfg.threads, CROWN_TASK)
     species_path = None
     if cfg.use_species_model:
@@ -260,9 +262,9 @@ def _heights_for_tile(plan: RunPlan, ortho: Ortho, tile: Tile, handles: dict) ->
 
 
 def _empty_crowns(crs: str) -> gpd.GeoDataFrame:
-    return gpd.GeoDataFrame({"score": pd.Series(dtype="float64"), "area_px": pd.Series(dtype="int64"),
-                             "centroid_x": pd.Series(dtype="float64"), "centroid_y": pd.Series(dtype="float64"),
-                             "tile_index": pd.Series(dtype="int64")},
+    columns = {"score": "float64", "area_px": "int64", "centroid_x": "float64", "centroid_y": "float64",
+               "tile_index": "int64"}
+    return gpd.GeoDataFrame({k: pd.Series(dtype=v) for k, v in columns.items()},
                             geometry=gpd.GeoSeries([], crs=crs), crs=crs)
 
 
@@ -492,13 +494,17 @@ def build_summary(plan: RunPlan, result: Any, n_trees: int) -> dict[str, Any]:
         "height_inputs": {k: str(v) for k, v in (("chm", plan.config.chm), ("dsm", plan.config.dsm),
                                                  ("dtm", plan.config.dtm)) if v is not None},
         "crown_model": {"path": str(plan.crown_model_path), "version": plan.crown_meta.model_version,
-                        "postprocess": plan.postprocess or {k: v for k, v in CROWN_DEFAULTS.items()}},
+                        "postprocess": {**CROWN_DEFAULTS, **plan.postprocess}},
         "species_model": None if plan.species_meta is None else
         {"path": str(plan.species_model_path), "version": plan.species_meta.model_version},
         "seed": plan.config.seed,
     }
     if standards is not None:
         summary["standards"] = _jsonable(standards)
+    if callable(getattr(result, "summary", None)):
+        carbon = _jsonable(result.summary())
+        carbon.pop("total", None)
+        summary["carbon"] = carbon
     return summary
 
 
@@ -549,7 +555,7 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
     _, info = tree_groups(plan, trees)
     grid = _with_group_totals(info["grid"], _group_table(result, "cell"))
     species_table = _group_table(result, "species")
-    if species_table is not None:
+    if species_table is not None and "species" not in species_table.columns:
         species_table = species_table.copy()
         names = info["species"]
         species_table.insert(0, "species", [names[int(i)] if 0 <= int(i) < len(names) else "none"
