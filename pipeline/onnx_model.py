@@ -130,11 +130,29 @@ class OnnxModel:
             raise InputError(f"{self.path}: model task is {self.meta.task!r} but a {expected_task!r} model "
                              "is needed here; check --crown-model / --species-model")
         inputs = self.session.get_inputs()
+        self._check_input(inputs)
         self.input_name = inputs[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "probs" if "probs" in outputs else outputs[0]
         self.sha256 = file_sha256(self.path)
         self.calls = 0  # number of run() calls (tests count them)
+
+    def _check_input(self, inputs: list) -> None:
+        """The contract's input: one uint8 NCHW tensor of 3 bands (red, green, blue), H = W = tile_size."""
+        bands = [str(b).lower() for b in self.meta.bands]
+        if bands != ["red", "green", "blue"]:
+            raise InputError(f"{self.path}: model expects bands {self.meta.bands} but the engine feeds "
+                             "red, green, blue; pass an RGB model (choose the image bands with --bands)")
+        shape = list(inputs[0].shape) if inputs else []
+        fixed = [d if isinstance(d, int) else None for d in shape]
+        if len(inputs) != 1 or len(shape) != 4 or fixed[1] not in (None, 3) \
+                or inputs[0].type != "tensor(uint8)":
+            got = [(i.name, i.type, i.shape) for i in inputs]
+            raise InputError(f"{self.path}: model input must be one uint8 [N, 3, H, W] tensor (got {got}); "
+                             "re-export it with models/export.py")
+        if any(d is not None and d != self.meta.tile_size for d in fixed[2:]):
+            raise InputError(f"{self.path}: model input is {shape[2]}x{shape[3]} px but metadata tile_size "
+                             f"is {self.meta.tile_size}; re-export it with models/export.py")
 
     @property
     def name(self) -> str:
