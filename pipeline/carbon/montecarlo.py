@@ -130,7 +130,7 @@ def _chunk(inp: McInputs, w_scaled: np.ndarray, groups: dict[str, np.ndarray], s
     n = sl.stop - sl.start
     load = inp.loadings[sl]
     var_s = (load**2) @ (inp.param_sd**2)
-    ln = (load @ w_scaled).astype(np.float32)  # shared parameter term [n, d]
+    ln = load.astype(np.float32) @ w_scaled  # shared parameter term [n, d] (w_scaled is float32)
     z = rng.standard_normal((n, n_draws), dtype=np.float32)
     point = np.exp(inp.ln_point[sl])
     if inp.species_probs is not None:
@@ -145,8 +145,9 @@ def _chunk(inp: McInputs, w_scaled: np.ndarray, groups: dict[str, np.ndarray], s
         ln += np.sqrt(nv).astype(np.float32) * z
     else:
         nv = inp.noise_var[sl]
-        ln += (inp.ln_point[sl] - (nv + var_s) / 2.0).astype(np.float32)[:, None]
-        ln += np.sqrt(nv).astype(np.float32)[:, None] * z
+        z *= np.sqrt(nv).astype(np.float32)[:, None]
+        z += (inp.ln_point[sl] - (nv + var_s) / 2.0).astype(np.float32)[:, None]
+        ln += z
     del z
     agb = np.exp(ln, out=ln)
     raw_mean = agb.mean(axis=1, dtype=np.float64)
@@ -186,7 +187,7 @@ def run_monte_carlo(inp: McInputs, factors: SharedFactors, groups: dict[str, np.
     groups = {k: np.asarray(v, dtype=np.int64) for k, v in (groups or {}).items()}
     n_groups = {k: (int(v.max()) + 1 if v.size and v.max() >= 0 else 0) for k, v in groups.items()}
     w, co2e_factor = _shared_draws(seed, n_draws, inp.param_sd.shape[0], factors)
-    w_scaled = inp.param_sd[:, None] * w
+    w_scaled = (inp.param_sd[:, None] * w).astype(np.float32)
     acc = {k: np.zeros((2 * max(g, 1), n_draws)) for k, g in n_groups.items()}
     total = np.zeros((2, n_draws))
     stats = {k: np.zeros(n) for k in ("mean", "sd", "p5", "p95", "centring")}
