@@ -29,8 +29,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class UInt8Normalised(nn.Module):
     """Wrap a float network: uint8 NCHW in, ``softmax(module(normalise(x)), dim=1)`` out."""
 
-    def __init__(self, module: nn.Module, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, softmax: bool = True) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        softmax: bool = True,
+    ) -> None:
         super().__init__()
         self.module = module
         self.softmax = softmax
@@ -74,10 +79,18 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def export_onnx(module: nn.Module, path: str | os.PathLike, input_shape: tuple[int, int, int] = (3, 512, 512),
-                metadata: Mapping[str, object] | None = None, output_name: str = "probs", *,
-                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                softmax: bool = True, opset: int = 17) -> Path:
+def export_onnx(
+    module: nn.Module,
+    path: str | os.PathLike,
+    input_shape: tuple[int, int, int] = (3, 512, 512),
+    metadata: Mapping[str, object] | None = None,
+    output_name: str = "probs",
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    softmax: bool = True,
+    opset: int = 17,
+) -> Path:
     """Export ``module`` (float NCHW in, logits out) as a one-file ONNX model with uint8 input ``image``.
 
     ``input_shape`` is (C, H, W); H and W are fixed, the batch is dynamic. The module is put in eval mode
@@ -94,8 +107,13 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, input_shape: tuple[i
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (dummy,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=["image"], output_names=[output_name],
+            wrapper,
+            (dummy,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=[output_name],
             dynamic_axes={"image": {0: "batch"}, output_name: {0: "batch"}},
             do_constant_folding=True,
         )
@@ -117,9 +135,16 @@ def ort_session(onnx_path: str | os.PathLike, threads: int = 2):
     return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def parity_max_abs_diff(module: nn.Module, onnx_path: str | os.PathLike, batch: np.ndarray | None = None, *,
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                        softmax: bool = True, seed: int = 0) -> float:
+def parity_max_abs_diff(
+    module: nn.Module,
+    onnx_path: str | os.PathLike,
+    batch: np.ndarray | None = None,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    softmax: bool = True,
+    seed: int = 0,
+) -> float:
     """Max |ORT - torch| on ``batch`` (uint8 NCHW; random of the model's input shape when None)."""
     sess = ort_session(onnx_path)
     inp = sess.get_inputs()[0]
@@ -139,7 +164,7 @@ class _TileReader:
         arr = np.asarray(list(tiles) if not isinstance(tiles, np.ndarray) else tiles, dtype=np.uint8)
         if arr.ndim == 3:
             arr = arr[None]
-        self.batches = [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
+        self.batches = [arr[i : i + batch_size] for i in range(0, len(arr), batch_size)]
         self.it = iter(self.batches)
 
     def get_next(self):
@@ -150,14 +175,21 @@ class _TileReader:
         self.it = iter(self.batches)
 
 
-def quantize_static_qdq(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
-                        calibration_tiles: Iterable[np.ndarray] | np.ndarray, *,
-                        per_channel: bool = True, extra_metadata: Mapping[str, object] | None = None) -> Path:
+def quantize_static_qdq(
+    onnx_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration_tiles: Iterable[np.ndarray] | np.ndarray,
+    *,
+    per_channel: bool = True,
+    extra_metadata: Mapping[str, object] | None = None,
+) -> Path:
     """Static int8 quantisation in QDQ format (QUInt8 activations, per-channel QInt8 weights).
 
     ``calibration_tiles``: uint8 arrays [3, H, W] (or a [N, 3, H, W] array) of real imagery at the model's
     input size. The float model's metadata_props are kept (plus ``extra_metadata``).
     """
+    import logging
+
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -166,13 +198,24 @@ def quantize_static_qdq(onnx_path: str | os.PathLike, out_path: str | os.PathLik
     reader = _TileReader(sess.get_inputs()[0].name, calibration_tiles)
     del sess
     out_path = Path(out_path)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs one WARNING per folded bias
     with atomic_path(out_path) as tmp:
-        quantize_static(str(onnx_path), str(tmp), reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(onnx_path),
+            str(tmp),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
         proto = onnx.load(str(tmp))
         meta = dict(src_meta)
         meta.update(_metadata_strings(extra_metadata or {}))
         set_metadata(proto, meta)
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
+    root.setLevel(level)
     return out_path

@@ -47,15 +47,25 @@ def build_segmentation_net(config: SegNetConfig) -> nn.Module:
         channels = tuple(config.decoder_channels)[: config.encoder_depth]
         if len(channels) != config.encoder_depth:
             raise ValueError(f"decoder_channels needs {config.encoder_depth} entries, got {channels}")
-        net = smp.Unet(encoder_name=config.encoder, encoder_weights=None, encoder_depth=config.encoder_depth,
-                       decoder_channels=channels, classes=config.classes)
+        net = smp.Unet(
+            encoder_name=config.encoder,
+            encoder_weights=None,
+            encoder_depth=config.encoder_depth,
+            decoder_channels=channels,
+            classes=config.classes,
+        )
         _drop_unused_stages(net, config)
         return net
     if config.arch == "fpn":
         width = int(config.decoder_channels[0]) if config.decoder_channels else 128
-        net = smp.FPN(encoder_name=config.encoder, encoder_weights=None, encoder_depth=config.encoder_depth,
-                      decoder_pyramid_channels=width, decoder_segmentation_channels=max(width // 2, 16),
-                      classes=config.classes)
+        net = smp.FPN(
+            encoder_name=config.encoder,
+            encoder_weights=None,
+            encoder_depth=config.encoder_depth,
+            decoder_pyramid_channels=width,
+            decoder_segmentation_channels=max(width // 2, 16),
+            classes=config.classes,
+        )
         _drop_unused_stages(net, config)
         return net
     raise ValueError(f"unknown arch {config.arch!r}: use 'unet' or 'fpn'")

@@ -163,6 +163,65 @@ def synth_cmd(
 
 # --- commands: models (train, evaluate) ---
 
+@train_app.command("crowns")
+@handle_errors
+def train_crowns_cmd(
+    boxes: list[str] = typer.Option(None, "--boxes", help="DeepForest CSV or Pascal VOC XML (repeatable); "
+                                    "default: the NEON YELL + SOAP boxes in models/data/neon"),
+    polygons: list[str] = typer.Option(None, "--polygons",
+                                       help="crown polygons (GeoJSON/GPKG/shp), repeatable"),
+    polygon_image: list[str] = typer.Option(None, "--polygon-image", help="GeoTIFF under each --polygons"),
+    out: str = typer.Option("checkpoints/crowns", "--out", help="checkpoint folder (resumes from last.pt)"),
+    export: str = typer.Option(None, "--export", help="write the ONNX model here (default OUT/crowns.onnx)"),
+    iterations: int = typer.Option(1500, "--iterations", help="training steps"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    gsd_m: float = typer.Option(0.15, "--gsd-m", help="model ground sample distance, m"),
+    image_gsd_m: float = typer.Option(0.1, "--image-gsd-m", help="GSD of non-georeferenced images, m"),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+    model_version: str = typer.Option("crowns-custom", "--model-version"),
+    no_resume: bool = typer.Option(False, "--no-resume", help="ignore an existing checkpoint"),
+    tta: bool = typer.Option(False, "--tta", help="flip/rotate test-time augmentation during validation"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
+    from models.train_crowns import DEFAULT_ANNOTATIONS, TrainCrownsConfig, run_training
+
+    cfg = TrainCrownsConfig(boxes=list(boxes) if boxes else ([] if polygons else list(DEFAULT_ANNOTATIONS)),
+                            polygons=list(polygons or []), polygon_images=list(polygon_image or []),
+                            out_dir=out, iterations=iterations, batch_size=batch_size, seed=seed, gsd_m=gsd_m,
+                            image_gsd_m=image_gsd_m, threads=threads)
+    result = run_training(cfg, export or f"{out}/crowns.onnx", model_version=model_version,
+                          resume=not no_resume, tta=tta, log=typer.echo)
+    typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_cmd(
+    image: str = typer.Argument(..., help="orthomosaic (GeoTIFF) to segment"),
+    truth: str = typer.Option(..., "--truth",
+                              help="reference crowns: DeepForest CSV, Pascal VOC XML or polygons"),
+    out: str = typer.Option("out/eval", "--out", help="folder for crown_metrics.json/.md"),
+    crown_model: str = typer.Option(None, "--crown-model",
+                                    help="ONNX crown model (default models/zoo/crowns.onnx)"),
+    threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads (default: all cores)"),
+    bands: str = typer.Option("1,2,3", "--bands", help="red,green,blue band numbers"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Crown precision/recall/F1 at IoU 0.4 and 0.5 (Hungarian matching), area error and pixel IoU."""
+    from pipeline.evaluation.run import evaluate_crowns_on_image
+
+    res = evaluate_crowns_on_image(image, truth, out, crown_model=crown_model, threads=threads,
+                                   bands=parse_bands(bands))
+    head = res["scores"][res["headline"]]
+    t4, t5 = head["thresholds"]["0.4"], head["thresholds"]["0.5"]
+    typer.echo(f"{head['n_pred']} predicted / {head['n_truth']} reference crowns ({res['headline']} IoU): "
+               f"F1@0.4 {t4['f1']:.3f} (P {t4['precision']:.3f} R {t4['recall']:.3f}), "
+               f"F1@0.5 {t5['f1']:.3f}; "
+               f"written {out}/crown_metrics.json and .md")
+
+
 
 @train_app.command("species")
 @handle_errors

@@ -1,0 +1,70 @@
+"""Crown matching metrics on hand-made cases with known precision and recall."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from shapely.geometry import box
+
+from pipeline.evaluation.crowns import crown_metrics, match_crowns, metrics_markdown, pixel_iou, write_metrics
+
+
+def test_known_precision_recall_at_two_thresholds():
+    truth = [box(0, 0, 10, 10), box(20, 0, 30, 10), box(40, 0, 50, 10), box(60, 0, 70, 10)]
+    pred = [
+        box(0, 0, 10, 10),  # IoU 1.0
+        box(21, 0, 31, 10),  # IoU 9/11 = 0.818
+        box(40, 0, 50, 4.5),  # IoU 0.45: a match at 0.4, not at 0.5
+        box(100, 0, 110, 10),  # false positive
+        box(200, 0, 210, 10),  # false positive
+    ]
+    m = crown_metrics(pred, truth)
+    t4, t5 = m["thresholds"]["0.4"], m["thresholds"]["0.5"]
+    assert (t4["tp"], t4["fp"], t4["fn"]) == (3, 2, 1)
+    assert t4["precision"] == pytest.approx(3 / 5) and t4["recall"] == pytest.approx(3 / 4)
+    assert t4["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    assert (t5["tp"], t5["fp"], t5["fn"]) == (2, 3, 2)
+    assert t5["f1"] == pytest.approx(2 * 0.4 * 0.5 / 0.9)
+    # area error over the 3 matches at 0.4: 0, 0, -0.55
+    assert m["area_error"]["n"] == 3
+    assert m["area_error"]["mean_rel"] == pytest.approx(-0.55 / 3)
+
+
+def test_hungarian_finds_the_global_assignment():
+    # greedy by best IoU would pair pred0 with truth1 and leave truth0 unmatched
+    truth = [box(0, 0, 10, 10), box(6, 0, 16, 10)]
+    pred = [box(4, 0, 14, 10), box(-1, 0, 9, 10)]
+    pi, ti, iou = match_crowns(pred, truth)
+    pairs = dict(zip(pi.tolist(), ti.tolist(), strict=True))
+    assert pairs == {0: 1, 1: 0}
+    assert np.all(iou > 0.5)
+
+
+def test_one_prediction_covering_two_crowns_matches_at_most_one():
+    truth = [box(0, 0, 10, 10), box(10, 0, 20, 10)]
+    pred = [box(0, 0, 20, 10)]
+    m = crown_metrics(pred, truth)
+    assert m["thresholds"]["0.4"]["tp"] == 1 and m["thresholds"]["0.4"]["fn"] == 1
+    assert m["thresholds"]["0.5"]["tp"] == 1  # IoU exactly 0.5
+    assert m["pixel_iou"] == pytest.approx(1.0)
+
+
+def test_empty_inputs_and_pixel_iou_masks():
+    m = crown_metrics([], [box(0, 0, 1, 1)])
+    assert m["thresholds"]["0.4"]["f1"] == 0.0 and m["thresholds"]["0.4"]["fn"] == 1
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2] = True
+    b[1:3] = True
+    assert pixel_iou(a, b) == pytest.approx(4 / 12)
+
+
+def test_json_and_markdown_written(tmp_path):
+    m = crown_metrics([box(0, 0, 1, 1)], [box(0, 0, 1, 1)])
+    jp, mp = write_metrics(m, tmp_path)
+    assert json.loads(jp.read_text())["thresholds"]["0.4"]["f1"] == 1.0
+    md = mp.read_text()
+    assert "| 0.4 | 1 | 0 | 0 | 1.000 | 1.000 | 1.000 |" in md
+    assert "| 0.4 |" in metrics_markdown(m)

@@ -1,0 +1,77 @@
+"""ONNX export of the crown network: parity with torch, the metadata contract read back by the engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.export import export_onnx, parity_max_abs_diff, quantize_static_qdq, read_metadata
+from models.nets import SegNetConfig, build_crown_net
+from models.train_crowns import TrainCrownsConfig, export_crown_model
+from pipeline.onnx_model import OnnxModel
+
+TINY = SegNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    net = build_crown_net(TINY)
+    # non-trivial BN statistics so eval-mode folding is exercised
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(2, 3, 64, 64))
+    return net.eval()
+
+
+def test_parity_dynamic_batch_single_file(tiny_net, tmp_path):
+    path = export_onnx(
+        tiny_net, tmp_path / "m.onnx", (3, 64, 64), {"task": "crown_segmentation", "x": [1, 2]}
+    )
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [
+        "m.onnx"
+    ]  # no external data
+    batch = np.random.default_rng(1).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
+    assert parity_max_abs_diff(tiny_net, path, batch) < 1e-4
+    meta = read_metadata(path)
+    assert meta["task"] == "crown_segmentation" and json.loads(meta["x"]) == [1, 2]
+    import onnx
+
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_crown_model_metadata_round_trip_through_engine(tiny_net, tmp_path):
+    cfg = TrainCrownsConfig(gsd_m=0.15, tile_size=64, overlap_px=16, net=TINY.to_dict())
+    post = {"fg_threshold": 0.45, "interior_threshold": 0.55, "seed_min_distance_m": 1.2, "min_area_m2": 1.5}
+    path = export_crown_model(tiny_net, cfg, tmp_path / "crowns.onnx", post, {"real_f1_iou0.4": 0.5}, "t-1")
+    model = OnnxModel(path, threads=1)
+    assert model.meta.task == "crown_segmentation"
+    assert model.meta.class_names == ["background", "crown", "boundary"]
+    assert (
+        model.meta.gsd_m == pytest.approx(0.15) and model.meta.tile_size == 64 and model.meta.overlap_px == 16
+    )
+    assert model.meta.postprocess == post
+    assert model.meta.validation_metrics["real_f1_iou0.4"] == 0.5
+    from pipeline.crowns import postprocess_kwargs
+
+    assert postprocess_kwargs(model.meta.postprocess)["fg_threshold"] == 0.45
+    probs = model.run(np.zeros((2, 3, 64, 64), np.uint8))
+    assert probs.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_static_qdq_keeps_metadata(tiny_net, tmp_path):
+    path = export_onnx(tiny_net, tmp_path / "f.onnx", (3, 64, 64), {"task": "crown_segmentation"})
+    tiles = np.random.default_rng(2).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    q = quantize_static_qdq(path, tmp_path / "q.onnx", tiles, extra_metadata={"compression": {"int8": True}})
+    meta = read_metadata(q)
+    assert meta["task"] == "crown_segmentation" and json.loads(meta["compression"]) == {"int8": True}
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
