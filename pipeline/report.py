@@ -197,7 +197,9 @@ def agb_map_chart(cells: pd.DataFrame) -> str:
     parts.append(f'<text x="{lx + 24}" y="{oy + len(RAMP) * 22}" font-size="10">0</text>')
     parts.append(f'<text x="{lx}" y="{oy + len(RAMP) * 22 + 20}" font-size="10">t AGB/ha</text>')
     # scale bar
-    bar_m = _nice_ticks(0, span / 3, 1)[-1] or span / 3
+    target = span / 3
+    mag = 10 ** math.floor(math.log10(target))
+    bar_m = max(m * mag for m in (1, 2, 5) if m * mag <= target)
     yb = oy + map_h + 20
     parts.append(f'<line x1="{ox}" y1="{yb:.1f}" x2="{ox + bar_m * scale:.1f}" y2="{yb:.1f}" '
                  f'stroke="#1d2a24" stroke-width="3"/><text x="{ox}" y="{yb + 16:.1f}" font-size="10">'

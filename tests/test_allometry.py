@@ -72,3 +72,24 @@ def test_bgb_carbon_co2e():
     c = al.carbon_kg(agb, bgb, 0.47)
     assert c == pytest.approx(564.0)
     assert al.co2e_kg(c) == pytest.approx(564.0 * 44 / 12)
+
+
+def test_root_shoot_table_and_config_values():
+    from pipeline.carbon import CarbonConfig
+    from pipeline.carbon.factors import DEFAULT_ECOZONE, root_shoot_ratio
+
+    assert root_shoot_ratio("temperate_conifer", 30.0)[0] == 0.40
+    assert root_shoot_ratio("temperate_conifer", 100.0)[0] == 0.29
+    assert root_shoot_ratio("temperate_conifer", 400.0)[0] == 0.20
+    assert root_shoot_ratio("temperate_conifer")[0] == 0.20  # unknown density: smallest R
+    assert root_shoot_ratio(DEFAULT_ECOZONE, 60.0) == (0.20, "subtropical_humid_forest, AGB 0-125 t/ha")
+    with pytest.raises(InputError):
+        root_shoot_ratio("moon")
+    cfg = CarbonConfig(carbon_fraction={"gymnosperm": 0.51}, chave_param={"intercept_sd": 0.0,
+                       "slope_sd": 0.0, "centre_log": 9.3}, components=["residuals"])
+    assert cfg.carbon_fraction == {"angiosperm": 0.47, "gymnosperm": 0.51}
+    assert cfg.chave_param.intercept_sd == 0.0 and cfg.components == frozenset({"residuals"})
+    with pytest.raises(InputError):
+        CarbonConfig(carbon_fraction={"angiosperm": 0.9})
+    with pytest.raises(InputError):
+        CarbonConfig(components={"vibes"})

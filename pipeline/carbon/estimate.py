@@ -25,6 +25,7 @@ from pipeline.carbon.wood_density import WoodDensityTable, plant_group_of
 from pipeline.errors import InputError
 
 AGB_MODELS = ("chave2014_eq4", "jucker2017_hcd")
+REPORTING_N_DRAWS = 10_000  # draws for reported numbers (ART-TREES asks for 10,000); 1,000 by default
 MC_COMPONENTS = frozenset({"measurement", "parameters", "residuals", "wood_density", "species", "factors"})
 
 
@@ -72,6 +73,15 @@ class CarbonConfig:
     species_classes: list[str] | None = None  # K species names
 
     def __post_init__(self) -> None:
+        # values from JSON/CLI: plain dicts and lists
+        for name in ("chave_param", "jucker_dbh_param", "jucker_agb_param"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, ParamError(**value))
+            elif isinstance(value, list | tuple):
+                setattr(self, name, ParamError(*value))
+        self.components = frozenset(self.components)
+        self.carbon_fraction = {**fc.DEFAULT_CARBON_FRACTION, **dict(self.carbon_fraction)}
         if self.agb_model not in AGB_MODELS:
             raise InputError(f"unknown AGB model {self.agb_model!r}; use {' or '.join(AGB_MODELS)}")
         unknown = set(self.components) - MC_COMPONENTS
