@@ -104,13 +104,15 @@ def _centred_normal(rng: np.random.Generator, n: int) -> np.ndarray:
     return z - z.mean() if n > 1 else z * 0.0
 
 
-def _indicator(groups: dict[str, np.ndarray], sl: slice, pg: np.ndarray) -> tuple[sp.csr_matrix, list]:
-    """Sparse 0/1 matrix [rows, n] selecting each (grouping, group id, plant group) of the chunk's trees.
+def _indicator(groups: dict[str, np.ndarray], sl: slice, pg: np.ndarray,
+               weights: np.ndarray) -> tuple[sp.csr_matrix, list]:
+    """Sparse matrix [rows, n] selecting each (grouping, group id, plant group) of the chunk's trees, with
+    each tree's weight (its centring factor) as the entry.
 
     Returns the matrix and, per row, (grouping name or None for the total, group id, plant group).
     """
     n = pg.shape[0]
-    rows, cols, labels = [], [], []
+    rows, cols, vals, labels = [], [], [], []
     cols_all = np.arange(n)
     for name, ids in [(None, np.zeros(n, dtype=np.int64))] + [(k, v[sl]) for k, v in groups.items()]:
         key = np.where(ids >= 0, 2 * ids + pg, -1)
@@ -118,9 +120,11 @@ def _indicator(groups: dict[str, np.ndarray], sl: slice, pg: np.ndarray) -> tupl
         uniq, inv = np.unique(key[keep], return_inverse=True)
         rows.append(inv + len(labels))
         cols.append(cols_all[keep])
+        vals.append(weights[keep])
         labels.extend((name, int(k // 2), int(k % 2)) for k in uniq)
     r, c = np.concatenate(rows), np.concatenate(cols)
-    mat = sp.csr_matrix((np.ones(r.size, dtype=np.float32), (r, c)), shape=(len(labels), n))
+    v = np.concatenate(vals).astype(np.float32)
+    mat = sp.csr_matrix((v, (r, c)), shape=(len(labels), n))
     return mat, labels
 
 
@@ -130,10 +134,14 @@ def _chunk(inp: McInputs, w_scaled: np.ndarray, groups: dict[str, np.ndarray], s
     n = sl.stop - sl.start
     load = inp.loadings[sl]
     var_s = (load**2) @ (inp.param_sd**2)
-    ln = load.astype(np.float32) @ w_scaled  # shared parameter term [n, d] (w_scaled is float32)
-    z = rng.standard_normal((n, n_draws), dtype=np.float32)
     point = np.exp(inp.ln_point[sl])
-    if inp.species_probs is not None:
+    species = inp.species_probs is not None
+    nv = inp.noise_var[sl]
+    # shared parameter term plus the per-tree log offset in one product: [L | offset] @ [w ; 1]
+    offset = -var_s / 2.0 if species else inp.ln_point[sl] - (nv + var_s) / 2.0
+    ln = np.concatenate([load, offset[:, None]], axis=1).astype(np.float32) @ w_scaled
+    z = rng.standard_normal((n, n_draws), dtype=np.float32)
+    if species:
         probs = inp.species_probs[sl]
         cum = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1).astype(np.float32)
         u = rng.random((n, n_draws), dtype=np.float32)
@@ -141,32 +149,30 @@ def _chunk(inp: McInputs, w_scaled: np.ndarray, groups: dict[str, np.ndarray], s
         np.minimum(cls, probs.shape[1] - 1, out=cls)
         lp = np.take_along_axis(inp.ln_point_k[sl], cls, axis=1)
         nv = np.take_along_axis(inp.noise_var_k[sl], cls, axis=1)
-        ln += (lp - (nv + var_s[:, None]) / 2.0).astype(np.float32)
+        ln += (lp - nv / 2.0).astype(np.float32)
         ln += np.sqrt(nv).astype(np.float32) * z
     else:
-        nv = inp.noise_var[sl]
         z *= np.sqrt(nv).astype(np.float32)[:, None]
-        z += (inp.ln_point[sl] - (nv + var_s) / 2.0).astype(np.float32)[:, None]
         ln += z
     del z
     agb = np.exp(ln, out=ln)
     raw_mean = agb.mean(axis=1, dtype=np.float64)
     centring = np.where(raw_mean > 0, point / raw_mean, 1.0)
-    agb *= centring.astype(np.float32)[:, None]
-    if inp.species_probs is None:
+    # the draws are used as agb * centring (applied through the group-sum weights and to the statistics)
+    if not species:
         # each tree's draws are lognormal with log-variance var_s + v: exact per-tree statistics
         s2 = var_s + nv
         mu = np.log(point) - s2 / 2.0
         sd = point * np.sqrt(np.expm1(s2))
         p5, p95 = np.exp(mu - Z95 * np.sqrt(s2)), np.exp(mu + Z95 * np.sqrt(s2))
     else:  # a mixture over species: empirical statistics of the draws
-        sd = agb.std(axis=1, dtype=np.float64, ddof=1) if n_draws > 1 else np.zeros(n)
+        sd = centring * agb.std(axis=1, dtype=np.float64, ddof=1) if n_draws > 1 else np.zeros(n)
         k5, k95 = int(round(0.05 * (n_draws - 1))), int(round(0.95 * (n_draws - 1)))
         part = np.partition(agb, (k5, k95), axis=1)
-        p5, p95 = part[:, k5].astype(np.float64), part[:, k95].astype(np.float64)
+        p5, p95 = centring * part[:, k5], centring * part[:, k95]
         del part
     pg = inp.plant_group[sl].astype(np.int64)
-    mat, labels = _indicator(groups, sl, pg)
+    mat, labels = _indicator(groups, sl, pg, centring)
     sums = np.asarray(mat @ agb, dtype=np.float64)
     return {"mean": point, "sd": sd, "p5": p5, "p95": p95, "centring": centring, "labels": labels,
             "sums": sums}
@@ -187,7 +193,7 @@ def run_monte_carlo(inp: McInputs, factors: SharedFactors, groups: dict[str, np.
     groups = {k: np.asarray(v, dtype=np.int64) for k, v in (groups or {}).items()}
     n_groups = {k: (int(v.max()) + 1 if v.size and v.max() >= 0 else 0) for k, v in groups.items()}
     w, co2e_factor = _shared_draws(seed, n_draws, inp.param_sd.shape[0], factors)
-    w_scaled = (inp.param_sd[:, None] * w).astype(np.float32)
+    w_scaled = np.vstack([inp.param_sd[:, None] * w, np.ones((1, n_draws))]).astype(np.float32)
     acc = {k: np.zeros((2 * max(g, 1), n_draws)) for k, g in n_groups.items()}
     total = np.zeros((2, n_draws))
     stats = {k: np.zeros(n) for k in ("mean", "sd", "p5", "p95", "centring")}
