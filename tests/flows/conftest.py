@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,35 @@ def output_digest(out: Path) -> dict[str, str]:
         if path.name == "summary.json":
             data = _strip(json.loads(path.read_text()))
             digests[str(rel)] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        elif path.suffix == ".geojson":
+            # the FeatureCollection "name" is the temp file name of the atomic write (export.write_geojson
+            # does not name the layer); compare the features
+            data = json.loads(path.read_text())
+            data.pop("name", None)
+            digests[str(rel)] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        elif path.suffix == ".html":  # the report states when it was written
+            text = re.sub(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d(:\d\d)?( ?UTC)?", "<time>", path.read_text())
+            digests[str(rel)] = hashlib.sha256(text.encode()).hexdigest()
+        elif path.suffix == ".gpkg":  # GeoPackages carry write times: compare their tables
+            digests.update(_gpkg_digests(path, str(rel)))
         else:
             digests[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests
+
+
+def _gpkg_digests(path: Path, rel: str) -> dict[str, str]:
+    import pyogrio
+
+    out = {}
+    for layer, _ in pyogrio.list_layers(path):
+        frame = pyogrio.read_dataframe(path, layer=layer)
+        if layer == "summary" and "key" in frame:
+            frame = frame[~frame["key"].isin(VOLATILE_KEYS)]
+        frame = frame.drop(columns=[c for c in ("update_time",) if c in frame])
+        if "geometry" in frame:
+            frame = frame.assign(geometry=frame.geometry.to_wkb(hex=True))
+        out[f"{rel}:{layer}"] = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
+    return out
 
 
 def _strip(value):
