@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import rasterio.features
+import shapely
 from affine import Affine
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon, shape
@@ -38,6 +39,7 @@ DEFAULTS: dict[str, float] = {
     "chm_min_height_m": 2.0,
     "chm_smooth_m": 0.3,
 }
+SIMPLIFY_PX = 0.5  # polygon simplification tolerance in pixels (removes staircase vertices only)
 _ALIASES = {"min_crown_area_m2": "min_area_m2", "crown_threshold": "fg_threshold",
             "seed_threshold": "interior_threshold"}
 
@@ -73,13 +75,14 @@ def _pixel_size_m(transform: Affine) -> float:
     return float(np.sqrt(abs(transform.a * transform.e - transform.b * transform.d)))
 
 
-def _markers_from_interior(interior: np.ndarray, min_distance_px: int) -> np.ndarray:
+def _markers_from_interior(interior: np.ndarray, distance: np.ndarray, min_distance_px: int) -> np.ndarray:
+    """Seeds at distance-transform maxima at least ``min_distance_px`` apart, and at least one per blob."""
     blobs, n_blobs = ndi.label(interior)
     markers = np.zeros(interior.shape, dtype=np.int32)
     if n_blobs == 0:
         return markers
-    distance = ndi.distance_transform_edt(interior)
-    peaks = peak_local_max(distance, min_distance=max(1, min_distance_px), labels=blobs, exclude_border=False)
+    peaks = peak_local_max(distance, min_distance=max(1, min_distance_px), threshold_abs=0.5,
+                           exclude_border=False)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     # every interior blob gets a seed, even a flat or tiny one that has no strict maximum
     seeded = np.zeros(n_blobs + 1, dtype=bool)
@@ -125,8 +128,9 @@ def label_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_ar
         elevation = -np.where(np.isfinite(chm), chm, 0.0)
     else:
         interior = (p_crown >= interior_threshold) & fg
-        markers = _markers_from_interior(interior, min_dist_px)
-        elevation = -(ndi.distance_transform_edt(interior).astype(np.float32) + p_crown)
+        distance = ndi.distance_transform_edt(interior).astype(np.float32)
+        markers = _markers_from_interior(interior, distance, min_dist_px)
+        elevation = -(distance + p_crown)
     if not markers.any():
         return np.zeros(fg.shape, dtype=np.int32), np.zeros(1)
     labels = watershed(elevation, markers, mask=fg)
@@ -155,9 +159,13 @@ def extract_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_
     if n == 0:
         return []
     idx = np.arange(1, n + 1)
-    centres = np.asarray(ndi.center_of_mass(np.ones(labels.shape, dtype=np.uint8), labels, idx), dtype=float)
-    centres = centres.reshape(-1, 2) + 0.5  # pixel-centre coordinates: pixel (r, c) spans [c, c+1)
-    area_px = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    flat = labels.ravel()
+    area_px = np.bincount(flat, minlength=n + 1)[1:]
+    rows, cols = np.divmod(np.flatnonzero(flat), labels.shape[1])
+    lab = flat[flat > 0]
+    centres = np.column_stack([np.bincount(lab, weights=rows, minlength=n + 1)[1:],
+                               np.bincount(lab, weights=cols, minlength=n + 1)[1:]])
+    centres = centres / np.maximum(area_px, 1)[:, None] + 0.5  # pixel-centre coords: pixel c spans [c, c+1)
     keep = np.ones(n, dtype=bool)
     if core is not None:
         r0, r1, c0, c1 = core
@@ -173,13 +181,15 @@ def extract_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_
         tid = int(value)
         if tid not in polys or poly.area > polys[tid].area:  # a label is one connected region; keep largest
             polys[tid] = poly
+    ids = [int(i) + 1 for i in np.flatnonzero(keep) if int(i) + 1 in polys]
+    # drop the collinear staircase vertices (area-neutral at half a pixel): smaller, faster files
+    tolerance = SIMPLIFY_PX * _pixel_size_m(transform)
+    simple = shapely.simplify(np.array([polys[t] for t in ids], dtype=object), tolerance,
+                              preserve_topology=True)
     out = []
-    for i in np.flatnonzero(keep):
-        tid = int(i) + 1
-        if tid not in polys:
-            continue
-        x, y = transform @ (centres[i, 1], centres[i, 0])
-        out.append(CrownCandidate(polygon=polys[tid], score=float(score[tid]), area_px=int(area_px[i]),
+    for tid, poly in zip(ids, simple, strict=True):
+        x, y = transform @ (centres[tid - 1, 1], centres[tid - 1, 0])
+        out.append(CrownCandidate(polygon=poly, score=float(score[tid]), area_px=int(area_px[tid - 1]),
                                   centroid_xy=(float(x), float(y))))
     return out
 

@@ -174,25 +174,29 @@ def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray,
     path = Path(path)
     img = np.where(valid[None], rgb, 255).astype(np.uint8)
     if len(crowns):
-        colours = species_colours(list(crowns["species"]) if "species" in crowns else [])
+        species = list(crowns["species"]) if "species" in crowns else ["unknown"] * len(crowns)
+        colours = species_colours(species)
         names = sorted(colours)
         code = {n: i + 1 for i, n in enumerate(names)}
-        species = crowns["species"] if "species" in crowns else pd.Series(["unknown"] * len(crowns))
-        pixel_m = math.sqrt(abs(transform.determinant))
-        outlines = crowns.geometry.boundary.buffer(pixel_m * 0.6)
-        burned = rasterio.features.rasterize(
-            zip(outlines.to_numpy(), [code.get(s, code["unknown"]) for s in species], strict=True),
-            out_shape=valid.shape, transform=transform, fill=0, dtype="uint16")
+        labels = rasterio.features.rasterize(
+            zip(crowns.geometry.to_numpy(), range(1, len(crowns) + 1), strict=True), out_shape=valid.shape,
+            transform=transform, fill=0, dtype="int32", all_touched=True)
+        edge = np.zeros(labels.shape, dtype=bool)  # a crown pixel next to another label is on its outline
+        edge[1:] |= labels[1:] != labels[:-1]
+        edge[:-1] |= labels[:-1] != labels[1:]
+        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+        edge &= labels > 0
         palette = np.array([(0, 0, 0)] + [colours[n] for n in names], dtype=np.uint8)
-        on = burned > 0
-        img[:, on] = palette[burned[on]].T
+        code_of = np.array([0] + [code[s] for s in species], dtype=np.int64)
+        img[:, edge] = palette[code_of[labels[edge]]].T
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
     wld = "\n".join(f"{v:.10f}" for v in (a, d, b, e, c + a / 2 + b / 2, f + d / 2 + e / 2)) + "\n"
     aux = f"<PAMDataset>\n  <SRS>{escape(CRS.from_user_input(crs).to_wkt())}</SRS>\n</PAMDataset>\n"
     aux_path = path.with_name(path.name + ".aux.xml")
     with atomic_path(path.with_suffix(".wld")) as tmp_wld, atomic_path(aux_path) as tmp_aux, \
             atomic_path(path) as tmp_png:
-        Image.fromarray(img.transpose(1, 2, 0)).save(tmp_png, format="PNG", optimize=True)
+        Image.fromarray(img.transpose(1, 2, 0)).save(tmp_png, format="PNG", compress_level=1)
         tmp_wld.write_text(wld)
         tmp_aux.write_text(aux)
     return path

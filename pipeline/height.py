@@ -116,7 +116,7 @@ def crown_heights(crowns_gdf: gpd.GeoDataFrame, chm: str | os.PathLike | None = 
             rasters = [stack.enter_context(open_height_raster(dsm, "DSM")),
                        stack.enter_context(open_height_raster(dtm, "DTM"))]
         res = min(native_resolution_m(r, crs) for r in rasters)
-        res = min(res, 0.5)  # fine enough that small crowns hold several samples
+        res = min(max(res, 0.2), 0.5)  # 0.2-0.5 m: small crowns hold several samples, big scenes stay fast
         left, bottom, right, top = crowns_gdf.total_bounds
         left, top = math.floor(left / res) * res - res, math.ceil(top / res) * res + res
         width = max(1, math.ceil((right - left) / res) + 1)

@@ -595,7 +595,8 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
         except ImportError:
             write_report = None
         if write_report is not None:
-            write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}))
+            write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}), grid=info["grid"],
+                         carbon=result, cell_m=plan.config.cell_m)
             summary["outputs"].append("report.html")
         step()
         summary["elapsed_s"] = time.time() - plan.started

@@ -29,13 +29,34 @@ def _resize(rgb: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarra
     return np.asarray(img.resize((size, size), resample)).transpose(2, 0, 1)
 
 
-def crown_chip(ortho: Ortho, polygon, centroid_xy: tuple[float, float], chip_px: int,
-               chip_gsd_m: float) -> np.ndarray:
-    """uint8 [3, chip_px, chip_px] chip around ``centroid_xy`` (working CRS) with outside-crown pixels 0."""
+Block = tuple[np.ndarray, np.ndarray, Window]  # (rgb uint8 [3,h,w], valid [h,w], window) read from an Ortho
+
+
+def chip_window(ortho: Ortho, centroid_xy: tuple[float, float], chip_px: int, chip_gsd_m: float) -> Window:
+    """Working-grid window (ortho pixels) that a crown chip covers."""
     span_px = max(1, int(round(chip_px * chip_gsd_m / ortho.gsd_m)))
     col, row = (~ortho.transform) @ centroid_xy
-    window = Window(int(round(col - span_px / 2)), int(round(row - span_px / 2)), span_px, span_px)
-    rgb, valid = ortho.read(window)
+    return Window(int(round(col - span_px / 2)), int(round(row - span_px / 2)), span_px, span_px)
+
+
+def crown_chip(ortho: Ortho, polygon, centroid_xy: tuple[float, float], chip_px: int,
+               chip_gsd_m: float, block: Block | None = None) -> np.ndarray:
+    """uint8 [3, chip_px, chip_px] chip around ``centroid_xy`` (working CRS) with outside-crown pixels 0.
+
+    ``block``: an already read region (``Ortho.read``) that contains the chip window; the chip is cut from
+    it instead of being read again (same pixels)."""
+    window = chip_window(ortho, centroid_xy, chip_px, chip_gsd_m)
+    span_px = int(window.width)
+    if block is not None:
+        b_rgb, b_valid, b_win = block
+        r0, c0 = int(window.row_off - b_win.row_off), int(window.col_off - b_win.col_off)
+        inside_block = (r0 >= 0 and c0 >= 0 and r0 + span_px <= b_rgb.shape[1]
+                        and c0 + span_px <= b_rgb.shape[2])
+    if block is not None and inside_block:
+        rgb = b_rgb[:, r0:r0 + span_px, c0:c0 + span_px]
+        valid = b_valid[r0:r0 + span_px, c0:c0 + span_px]
+    else:
+        rgb, valid = ortho.read(window)
     chip = _resize(rgb, chip_px, Image.Resampling.BILINEAR)
     ok = _resize(valid.astype(np.uint8), chip_px, Image.Resampling.NEAREST) > 0
     chip_transform = ortho.window_transform(window) @ Affine.scale(span_px / chip_px)
@@ -44,8 +65,8 @@ def crown_chip(ortho: Ortho, polygon, centroid_xy: tuple[float, float], chip_px:
     return np.where(inside & ok, chip, 0).astype(np.uint8)
 
 
-def classify_crowns(model: OnnxModel | None, ortho: Ortho, crowns_gdf: gpd.GeoDataFrame, batch_size: int = 64
-                    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+def classify_crowns(model: OnnxModel | None, ortho: Ortho, crowns_gdf: gpd.GeoDataFrame, batch_size: int = 64,
+                    block_px: int = 1024) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(species per crown, probability of the best class [n], class probabilities [n, K]).
 
     ``crowns_gdf`` is in the ortho's working CRS. Without a model: all "unknown", NaN, shape [n, 0]."""
@@ -61,11 +82,37 @@ def classify_crowns(model: OnnxModel | None, ortho: Ortho, crowns_gdf: gpd.GeoDa
     else:
         cents = crowns_gdf.geometry.centroid
         cxy = np.column_stack([cents.x.to_numpy(), cents.y.to_numpy()])
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        chips = np.stack([crown_chip(ortho, geoms[i], (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd)
-                          for i in range(start, stop)])
-        probs[start:stop] = model.run(chips)
+    # crowns are processed block by block (by centroid): one read per block, chips cut from memory
+    inv = ~ortho.transform
+    cols, rows = inv @ (cxy[:, 0], cxy[:, 1]) if n else (np.zeros(0), np.zeros(0))
+    block_id = (np.floor(np.asarray(rows) / block_px).astype(np.int64) * (ortho.width // block_px + 1)
+                + np.floor(np.asarray(cols) / block_px).astype(np.int64))
+    order = np.argsort(block_id, kind="stable")
+    span_px = max(1, int(round(chip_px * chip_gsd / ortho.gsd_m)))
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            idx = [i for i, _ in pending]
+            probs[idx] = model.run(np.stack([c for _, c in pending]))
+            pending.clear()
+
+    for bid in np.unique(block_id):
+        members = order[block_id[order] == bid]
+        wins = [chip_window(ortho, (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd) for i in members]
+        c0 = min(int(w.col_off) for w in wins)
+        r0 = min(int(w.row_off) for w in wins)
+        c1 = max(int(w.col_off) for w in wins) + span_px
+        r1 = max(int(w.row_off) for w in wins) + span_px
+        b_win = Window(c0, r0, c1 - c0, r1 - r0)
+        b_rgb, b_valid = ortho.read(b_win)
+        for i in members:
+            chip = crown_chip(ortho, geoms[i], (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd,
+                              block=(b_rgb, b_valid, b_win))
+            pending.append((int(i), chip))
+            if len(pending) == batch_size:
+                flush()
+    flush()
     best = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
     best_prob = probs[np.arange(n), best] if n else np.zeros(0)
     threshold = model.meta.unknown_threshold

@@ -28,7 +28,7 @@ CENTRES = [30, 100, 172, 244, 316, 372]
 SUMMARY_KEYS = {"n_trees", "area_ha", "trees_per_ha", "agb_t", "carbon_t", "co2e_t", "co2e_t_ci90", "crs",
                 "gsd_m", "models", "elapsed_s", "version"}
 OUTPUTS = ["crowns.geojson", "inventory.gpkg", "crowns.csv", "crown_mask.tif", "quicklook.png",
-           "quicklook.wld", "summary.json"]
+           "quicklook.wld", "summary.json", "report.html"]
 
 
 def scene_discs(seed=0):
