@@ -163,3 +163,17 @@ def test_standards_rules():
     assert st.vm0047_deduction(100.0, 120.0)["conservative_co2e_t"] == 0.0
     for rule in st.conservative_estimates(100.0, 10.0, 12.0):
         assert rule["source"] and "version in force" in rule["note"]
+
+
+def test_carbon_fraction_by_plant_group():
+    trees = _trees(400, seed=7, species=("Pinus palustris", "Acer rubrum"))
+    res = estimate_carbon(trees, CarbonConfig(n_draws=1000, carbon_fraction={"gymnosperm": 0.51}))
+    t = res.trees
+    cf = np.where(t["plant_group"] == "gymnosperm", 0.51, 0.47)
+    np.testing.assert_allclose(t["carbon_fraction"], cf)
+    expected_t = (t["agb_kg"] * (1 + t["root_shoot_ratio"]) * cf * 44 / 12).sum() / 1000
+    assert t["co2e_kg"].sum() / 1000 == pytest.approx(expected_t)
+    assert res.total["co2e_t"] == pytest.approx(expected_t, rel=0.01)
+    sp = res.groups["species"].set_index("species")
+    pine = t[t["species"] == "Pinus palustris"]
+    assert sp.loc["Pinus palustris", "co2e_t"] == pytest.approx(pine["co2e_kg"].sum() / 1000, rel=0.01)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -190,11 +190,15 @@ def run_monte_carlo(inp: McInputs, factors: SharedFactors, groups: dict[str, np.
     ``groups`` maps a name to int group ids per tree (-1 = not in any group).
     """
     n = int(inp.ln_point.shape[0])
+    if factors.carbon_fraction[0] == factors.carbon_fraction[1]:
+        # one carbon fraction for both plant groups: no need to keep them apart (halves the accumulators)
+        inp = replace(inp, plant_group=np.zeros(n, dtype=np.int64))
     groups = {k: np.asarray(v, dtype=np.int64) for k, v in (groups or {}).items()}
     n_groups = {k: (int(v.max()) + 1 if v.size and v.max() >= 0 else 0) for k, v in groups.items()}
     w, co2e_factor = _shared_draws(seed, n_draws, inp.param_sd.shape[0], factors)
     w_scaled = np.vstack([inp.param_sd[:, None] * w, np.ones((1, n_draws))]).astype(np.float32)
-    acc = {k: np.zeros((2 * max(g, 1), n_draws)) for k, g in n_groups.items()}
+    n_pg = int(inp.plant_group.max()) + 1 if n else 1
+    acc = {k: np.zeros((n_pg, max(g, 1), n_draws)) for k, g in n_groups.items()}
     total = np.zeros((2, n_draws))
     stats = {k: np.zeros(n) for k in ("mean", "sd", "p5", "p95", "centring")}
     threads = threads or min(2, os.cpu_count() or 1)
@@ -216,13 +220,13 @@ def run_monte_carlo(inp: McInputs, factors: SharedFactors, groups: dict[str, np.
                     if name is None:
                         total[pg] += row
                     else:
-                        acc[name][2 * gid + pg] += row
+                        acc[name][pg, gid] += row
     res = McResult(agb_mean=stats["mean"], agb_sd=stats["sd"], agb_p5=stats["p5"], agb_p95=stats["p95"],
                    centring=stats["centring"], n_draws=n_draws, seed=seed, co2e_factor=co2e_factor)
     for name, a in acc.items():
         g = n_groups[name]
-        res.group_agb[name] = (a[0::2] + a[1::2])[:g]
-        res.group_co2e[name] = (a[0::2] * co2e_factor[0] + a[1::2] * co2e_factor[1])[:g]
+        res.group_agb[name] = a.sum(axis=0)[:g]
+        res.group_co2e[name] = sum(a[k] * co2e_factor[k] for k in range(n_pg))[:g]
     res.total_agb = total[0] + total[1]
     res.total_co2e = total[0] * co2e_factor[0] + total[1] * co2e_factor[1]
     return res
