@@ -52,12 +52,14 @@ def test_stand_mean_fallback():
 def test_user_csv_overrides(tmp_path):
     path = tmp_path / "wd.csv"
     path.write_text("taxon,wood_density_gcm3,wood_density_sd_gcm3\nPinus palustris,0.61,0.05\n"
-                    "Eucalyptus grandis,0.49,\n")
+                    "Eucalyptus grandis,0.49,\nMyrtaceae,0.70,\n")
     table = WoodDensityTable.from_csv(path)
     assert table.lookup("Pinus palustris") == (0.61, 0.05, "species")
     assert table.lookup("Eucalyptus grandis") == (0.49, LEVEL_SD_GCM3["species"], "species")
     assert table.lookup("Eucalyptus saligna")[2] == "genus"
     assert table.lookup("Acer rubrum")[0] == pytest.approx(0.49)  # built-in rows kept
+    fam = table.resolve("Syzygium cumini", family="Myrtaceae")
+    assert fam[:3] == (0.70, LEVEL_SD_GCM3["family"], "family")
     bad = tmp_path / "bad.csv"
     bad.write_text("name,rho\nx,1\n")
     with pytest.raises(InputError, match="bad.csv"):

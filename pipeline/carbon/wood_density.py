@@ -150,7 +150,10 @@ class WoodDensityTable:
             binomial, genus = _clean(row["taxon"])
             level = str(row.get("level", "") or "").strip().lower()
             if level not in LEVEL_SD_GCM3:
-                level = "species" if binomial else ("genus" if genus else "family")
+                if binomial:
+                    level = "species"
+                else:  # one word: a family (…aceae) or a genus
+                    level = "family" if genus.endswith("aceae") else "genus"
             sd = pd.to_numeric(pd.Series([row.get("wood_density_sd_gcm3", np.nan)]), errors="coerce").iloc[0]
             sd = float(sd) if np.isfinite(sd) and sd > 0 else LEVEL_SD_GCM3[level]
             src = str(row.get("source", default_source) or default_source)
