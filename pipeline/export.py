@@ -108,13 +108,16 @@ def crowns_qml(species: Sequence[str], field: str = "species") -> str:
 
 
 def write_gpkg(path: str | os.PathLike, crowns: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None,
-               species: pd.DataFrame | None, summary: dict) -> Path:
+               species: pd.DataFrame | None, summary: dict, plots: gpd.GeoDataFrame | None = None) -> Path:
     """inventory.gpkg: ``crowns`` (projected CRS), ``grid``, ``species``, ``summary``, ``layer_styles``."""
     with atomic_path(path) as tmp:
         pyogrio.write_dataframe(_clean_frame(crowns), tmp, layer="crowns", driver="GPKG",
                                 promote_to_multi=False)
         if grid is not None:
             pyogrio.write_dataframe(_clean_frame(grid), tmp, layer="grid", driver="GPKG")
+        if plots is not None:
+            pyogrio.write_dataframe(_clean_frame(plots), tmp, layer="plots", driver="GPKG",
+                                    promote_to_multi=True)
         if species is not None:
             pyogrio.write_dataframe(pd.DataFrame(species).reset_index(drop=True), tmp, layer="species",
                                     driver="GPKG")

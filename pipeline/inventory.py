@@ -535,7 +535,7 @@ def _with_group_totals(grid: gpd.GeoDataFrame, table: pd.DataFrame | None) -> gp
     grid = grid.reset_index(drop=True)
     if table is None or not len(table):
         return grid
-    ids = grid["cell_id"].to_numpy() if "cell_id" in grid.columns else np.arange(len(grid))
+    ids = grid["cell_id"].to_numpy() if "cell_id" in grid.columns else np.arange(len(grid))  # plots: by row
     joined = table.reindex(ids)
     joined.index = grid.index
     mass_cols = [c for c in joined.columns if c == "n_trees" or c.endswith("_t") or c.endswith("_t_sd")]
@@ -560,6 +560,10 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
         names = info["species"]
         species_table.insert(0, "species", [names[int(i)] if 0 <= int(i) < len(names) else "none"
                                             for i in species_table.index])
+    plots = None
+    if "plots" in info:
+        plots = _with_group_totals(info["plots"].assign(plot_index=np.arange(len(info["plots"]))),
+                                   _group_table(result, "plot"))
     summary = build_summary(plan, result, len(trees))
     stage = plan.work_dir / "stage"
     shutil.rmtree(stage, ignore_errors=True)
@@ -588,15 +592,15 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
         step()
         summary["elapsed_s"] = time.time() - plan.started
         summary["outputs"] = [n for n in OUTPUT_NAMES if n != "report.html"]
-        export.write_gpkg(stage / "inventory.gpkg", trees, grid, species_table, summary)
+        export.write_gpkg(stage / "inventory.gpkg", trees, grid, species_table, summary, plots=plots)
         step()
         try:
             from pipeline.report import write_report
         except ImportError:
             write_report = None
         if write_report is not None:
-            write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}), grid=info["grid"],
-                         carbon=result, cell_m=plan.config.cell_m)
+            write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}),
+                         grid=info["grid"], carbon=result, cell_m=plan.config.cell_m)
             summary["outputs"].append("report.html")
         step()
         summary["elapsed_s"] = time.time() - plan.started

@@ -278,3 +278,18 @@ def test_engine_runs_without_torch(tmp_path, scene, models):
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"trees {len(scene[1])}" in res.stdout
+
+
+def test_plots_get_their_own_totals(tmp_path, scene, models):
+    from shapely.geometry import box
+
+    plots = gpd.GeoDataFrame({"name": ["north-west", "elsewhere"]},
+                             geometry=[box(500000, 3999980, 500020, 4000000), box(600000, 0, 600010, 10)], crs=UTM)
+    plots.to_file(tmp_path / "plots.gpkg", driver="GPKG")
+    out = tmp_path / "out"
+    inventory.run_inventory(config(scene[0], out, models, plots=tmp_path / "plots.gpkg"))
+    table = gpd.read_file(out / "inventory.gpkg", layer="plots")
+    crowns = gpd.read_file(out / "inventory.gpkg", layer="crowns")
+    inside = ((crowns["x"] < 500020) & (crowns["y"] > 3999980)).sum()
+    assert table.loc[table["name"] == "north-west", "n_trees"].item() == inside > 0
+    assert table.loc[table["name"] == "elsewhere", "n_trees"].item() == 0
