@@ -283,8 +283,8 @@ def test_engine_runs_without_torch(tmp_path, scene, models):
 def test_plots_get_their_own_totals(tmp_path, scene, models):
     from shapely.geometry import box
 
-    plots = gpd.GeoDataFrame({"name": ["north-west", "elsewhere"]},
-                             geometry=[box(500000, 3999980, 500020, 4000000), box(600000, 0, 600010, 10)], crs=UTM)
+    cells = [box(500000, 3999980, 500020, 4000000), box(600000, 0, 600010, 10)]
+    plots = gpd.GeoDataFrame({"name": ["north-west", "elsewhere"]}, geometry=cells, crs=UTM)
     plots.to_file(tmp_path / "plots.gpkg", driver="GPKG")
     out = tmp_path / "out"
     inventory.run_inventory(config(scene[0], out, models, plots=tmp_path / "plots.gpkg"))
