@@ -266,6 +266,38 @@ def train_species_cmd(
 
 # --- commands: compress ---
 
+
+@app.command("compress")
+@handle_errors
+def compress_cmd(
+    model: str = typer.Option(..., "--model", help="Crown-model checkpoint (.pt) to compress."),
+    method: str = typer.Option(..., "--method", help="pfp | sipp | alds | l1 | uniform | random"),
+    target: float = typer.Option(..., "--target", help="Fraction removed, e.g. 0.7 (SiPP: params)."),
+    finetune: int = typer.Option(0, "--finetune", help="Fine-tune steps with LR rewinding (0 = none)."),
+    quantize: bool = typer.Option(False, "--quantize", help="Also write a static int8 QDQ copy."),
+    out: str = typer.Option(None, "--out", help="Output ONNX (default: out/compress/crowns-M-PCT.onnx)."),
+    budget: str = typer.Option("macs", "--budget", help="What --target counts: macs or params."),
+    reference_onnx: str = typer.Option(None, "--reference-onnx",
+                                       help="ONNX whose metadata is copied (default: zoo crowns-dense)."),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Compress the crown model (PFP, SiPP, ALDS or a baseline); export it with a compression record."""
+    if budget not in ("macs", "params"):
+        raise InputError(f"--budget {budget!r} must be macs or params")
+    from models.compression.crown_study import compress_crown_checkpoint
+
+    result = compress_crown_checkpoint(model, method, target, out=out, finetune_steps=finetune,
+                                       quantize=quantize, reference_onnx=reference_onnx, budget=budget,
+                                       threads=threads, log=typer.echo)
+    rec = result["record"]
+    typer.echo(f"{rec['method']}: params {rec['params_before']:,} -> {rec['params_after']:,} "
+               f"(nonzero {rec['nonzero_params_after']:,}), "
+               f"MACs {rec['macs_before']:,} -> {rec['macs_after']:,}")
+    typer.echo(f"  {result['onnx']}")
+    if result["int8_onnx"]:
+        typer.echo(f"  {result['int8_onnx']}")
+
 # --- commands: flows (batch, serve) ---
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks (latency of ONNX models on CPU)."""

@@ -1,0 +1,115 @@
+"""ONNX Runtime CPU latency of crown models: dense vs compressed vs int8.
+
+Batch 1 at each model's own input size (the engine tile), ``--threads`` intra-op threads (default 2),
+sequential execution, spinning off, ``--warmup`` runs then ``--runs`` timed runs. Models are timed
+round-robin (one run of each in turn) so that load from other processes on a shared machine hits all
+of them alike. Writes JSON: per model median/p90/mean ms, file size, parameter count, input shape.
+
+    python -m bench.bench_models models/zoo/crowns-dense.onnx models/zoo/crowns.onnx --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _session(path: str, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def onnx_param_count(path: str) -> int:
+    """Number of weights stored in the graph initializers (float and int8 alike)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(path)
+    return int(
+        sum(
+            numpy_helper.to_array(t).size
+            for t in proto.graph.initializer
+            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+            and len(t.dims) > 1
+        )
+    )
+
+
+def bench(paths: list[str], threads: int = 2, warmup: int = 10, runs: int = 50, seed: int = 0) -> dict:
+    """Latency statistics (ms) of every model, timed round-robin."""
+    sessions = {}
+    inputs = {}
+    rng = np.random.default_rng(seed)
+    for p in paths:
+        s = _session(p, threads)
+        inp = s.get_inputs()[0]
+        shape = [1 if not isinstance(d, int) else d for d in inp.shape]
+        sessions[p] = s
+        inputs[p] = {inp.name: rng.integers(0, 256, size=shape, dtype=np.uint8)}
+    for _ in range(warmup):
+        for p, s in sessions.items():
+            s.run(None, inputs[p])
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for _ in range(runs):
+        for p, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, inputs[p])
+            times[p].append((time.perf_counter() - t0) * 1000.0)
+    out = {}
+    for p in paths:
+        t = np.asarray(times[p])
+        shape = list(next(iter(inputs[p].values())).shape)
+        out[p] = {
+            "median_ms": float(np.median(t)),
+            "p90_ms": float(np.percentile(t, 90)),
+            "mean_ms": float(t.mean()),
+            "runs": int(len(t)),
+            "size_mb": os.path.getsize(p) / 1e6,
+            "onnx_params": onnx_param_count(p),
+            "input_shape": shape,
+        }
+    return {
+        "threads": threads,
+        "warmup": warmup,
+        "runs": runs,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "models": out,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--out", default=None, help="JSON output path (default: print)")
+    a = ap.parse_args(argv)
+    res = bench(a.models, a.threads, a.warmup, a.runs)
+    text = json.dumps(res, indent=2)
+    if a.out:
+        from pipeline.atomic import atomic_path
+
+        with atomic_path(Path(a.out)) as tmp:
+            Path(tmp).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

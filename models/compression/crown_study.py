@@ -1,0 +1,437 @@
+"""The crown-model compression study: every method at several MAC-reduction ratios, fine-tuned with LR
+rewinding on the crown training data, exported for the engine, and measured (F1 on OSBS_029 through the
+engine stages, F1 under each drone shift, ONNX Runtime latency). Results go to one JSON file that
+``models.compression.report`` turns into ``models/zoo/COMPRESSION.md``; finished runs are skipped on a
+rerun, so the study resumes after an interruption.
+
+    python -m models.compression.crown_study --checkpoint checkpoints/crowns/last.pt \
+        --dense-onnx models/zoo/crowns-dense.onnx --methods pfp,alds,l1 --ratios 0.7,0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.compression.compress import compress, export_compressed
+from models.compression.finetune import finetune, rewound_schedule
+from models.compression.robustness import SHIFTS, engine_f1, truth_polygons, write_shifted
+from pipeline.atomic import atomic_path
+
+
+@dataclass
+class StudyConfig:
+    checkpoint: str
+    dense_onnx: str
+    out_dir: str = "out/compression"
+    results: str = "models/zoo/compression_results.json"
+    methods: list[str] = field(default_factory=lambda: ["pfp", "alds", "l1", "uniform", "random", "sipp"])
+    ratios: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.5])
+    budget: str = "macs"
+    finetune_steps: int = 60
+    finetune_batch: int = 4
+    finetune_seconds: float = 300.0
+    random_candidates: int = 3
+    calib_images: int = 8
+    calib_px: int = 128
+    plan_px: int = 256
+    round_to: int | None = 8
+    threads: int = 2
+    image: str = "sample_data/OSBS_029.tif"
+    truth: str = "sample_data/OSBS_029.csv"
+    shifts: list[str] = field(default_factory=lambda: list(SHIFTS))
+
+
+def load_results(path: str | Path) -> dict:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else {"runs": {}}
+
+
+def save_results(path: str | Path, results: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p) as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=1, sort_keys=True))
+
+
+class CrownData:
+    """Training batches and calibration tiles of the crown model (its own training data, never OSBS)."""
+
+    def __init__(self, train_cfg, batch_size: int):
+        from models.datasets.savanna import crown_bank
+        from models.train_crowns import load_scenes
+
+        self.cfg = copy.deepcopy(train_cfg)
+        self.cfg.batch_size = batch_size
+        self.scenes = load_scenes(self.cfg)
+        self.bank = crown_bank(self.scenes)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from models.train_crowns import make_batch, normalise
+
+        x, y = make_batch(step, self.cfg, self.scenes, self.bank)
+        return normalise(x), y
+
+    def calibration(self, n: int, px: int, offset: int = 10_000_000) -> list[torch.Tensor]:
+        """``n`` normalised float training crops of ``px`` px (for the data-informed sensitivities)."""
+        xs = []
+        step = 0
+        while sum(len(x) for x in xs) < n:
+            x, _ = self.batch(offset + step)
+            xs.append(x[:, :, :px, :px])
+            step += 1
+        return [torch.cat(xs)[:n]]
+
+    def uint8_tiles(self, n: int, size: int, offset: int = 20_000_000) -> np.ndarray:
+        """Raw uint8 training chips for static int8 calibration, padded/cropped to ``size``."""
+        from models.train_crowns import make_batch
+
+        out = []
+        step = 0
+        while len(out) < n:
+            x, _ = make_batch(offset + step, self.cfg, self.scenes, self.bank)
+            for img in x.clamp(0, 255).byte().numpy():
+                tile = np.zeros((3, size, size), np.uint8)
+                h, w = min(size, img.shape[1]), min(size, img.shape[2])
+                tile[:, :h, :w] = img[:, :h, :w]
+                out.append(tile)
+            step += 1
+        return np.stack(out[:n])
+
+
+def _loss_fn(train_cfg) -> nn.Module:
+    from models.datasets.chips import IGNORE
+
+    return nn.CrossEntropyLoss(
+        weight=torch.tensor(train_cfg.class_weights, dtype=torch.float32), ignore_index=IGNORE
+    )
+
+
+def run_finetune(
+    net: nn.Module,
+    data: CrownData,
+    train_cfg,
+    steps: int,
+    seconds: float,
+    masks=None,
+    step_offset: int = 5_000_000,
+    log=print,
+) -> dict:
+    """LR-rewinding fine-tune: replay the last ``steps`` of the crown model's own LR schedule."""
+    from models.train_crowns import _lr_factor
+
+    sched = rewound_schedule(lambda s: _lr_factor(s, train_cfg), train_cfg.iterations, steps)
+    rec = finetune(
+        net,
+        lambda i: data.batch(step_offset + i),
+        _loss_fn(train_cfg),
+        steps,
+        train_cfg.lr,
+        sched,
+        train_cfg.weight_decay,
+        masks=masks,
+        time_limit_s=seconds,
+        log=log,
+    )
+    rec["lr_rewinding"] = (
+        f"LR schedule replayed from step {train_cfg.iterations - steps} of {train_cfg.iterations}"
+    )
+    return rec
+
+
+def validation_score(net: nn.Module, data: CrownData, train_cfg, postprocess: dict) -> float:
+    """Mean F1@0.4 on the crown model's held-out validation blocks (selection only; never OSBS)."""
+    from models.train_crowns import score_cases, validation_cases
+
+    cases = validation_cases(net.eval(), data.scenes, train_cfg, n_savanna=2)
+    m = score_cases(cases, postprocess, train_cfg.gsd_m)
+    f1s = [v for k, v in m.items() if k.endswith("_f1_iou0.4")]
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def evaluate_onnx(path: str | Path, cfg: StudyConfig, shift_images: dict[str, Path], truth: list) -> dict:
+    nominal = engine_f1(path, cfg.image, truth, threads=cfg.threads)
+    shifts = {s: engine_f1(path, img, truth, threads=cfg.threads)["f1"] for s, img in shift_images.items()}
+    return {
+        "f1": nominal["f1"],
+        "precision": nominal["precision"],
+        "recall": nominal["recall"],
+        "n_pred": nominal["n_pred"],
+        "f1_shift": shifts,
+    }
+
+
+def prepare_shift_images(cfg: StudyConfig) -> dict[str, Path]:
+    d = Path(cfg.out_dir) / "shifts"
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for s in cfg.shifts:
+        p = d / f"{Path(cfg.image).stem}_{s}.tif"
+        if not p.exists():
+            write_shifted(cfg.image, s, p)
+        out[s] = p
+    return out
+
+
+def run_study(cfg: StudyConfig, log=print) -> dict:
+    from models.export import read_metadata
+    from models.train_crowns import load_crown_net
+
+    torch.set_num_threads(cfg.threads)
+    results = load_results(cfg.results)
+    results["config"] = asdict(cfg)
+    dense_net, train_cfg = load_crown_net(cfg.checkpoint)
+    dense_meta = read_metadata(cfg.dense_onnx)
+    dense_meta.pop("compression", None)
+    postprocess = json.loads(dense_meta.get("postprocess", "{}"))
+    tile = int(dense_meta.get("tile_size", train_cfg.tile_size))
+    truth = truth_polygons(cfg.truth, cfg.image)
+    shift_images = prepare_shift_images(cfg)
+    if "dense" not in results:
+        from models.compression.cost import count_cost
+
+        c = count_cost(dense_net, (3, tile, tile))
+        results["dense"] = {
+            "onnx": cfg.dense_onnx,
+            "params": c.params,
+            "macs": c.macs,
+            "size_mb": Path(cfg.dense_onnx).stat().st_size / 1e6,
+            **evaluate_onnx(cfg.dense_onnx, cfg, shift_images, truth),
+        }
+        save_results(cfg.results, results)
+        log(f"dense: F1 {results['dense']['f1']:.3f}")
+    data = CrownData(train_cfg, cfg.finetune_batch)
+    calib = data.calibration(cfg.calib_images, cfg.calib_px)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for ratio in cfg.ratios:
+        for method in cfg.methods:
+            key = f"{method}@{ratio:g}"
+            if key in results["runs"]:
+                continue
+            t0 = time.time()
+            log(f"{key}: compressing")
+            shape = (3, cfg.plan_px, cfg.plan_px)
+            if method == "random":
+                best = None
+                cands = []
+                for i in range(cfg.random_candidates):
+                    r = compress(
+                        dense_net, "random", ratio, shape, budget=cfg.budget, round_to=cfg.round_to, seed=i
+                    )
+                    run_finetune(
+                        r.model,
+                        data,
+                        train_cfg,
+                        max(1, cfg.finetune_steps // cfg.random_candidates),
+                        cfg.finetune_seconds / cfg.random_candidates,
+                        log=log,
+                    )
+                    score = validation_score(r.model, data, train_cfg, postprocess)
+                    cands.append({"seed": i, "val_f1": score})
+                    if best is None or score > best[0]:
+                        best = (score, r)
+                res = best[1]
+                res.details["candidates"] = cands
+                ft = run_finetune(
+                    res.model, data, train_cfg, cfg.finetune_steps, cfg.finetune_seconds, log=log
+                )
+            else:
+                res = compress(
+                    dense_net,
+                    method,
+                    ratio,
+                    shape,
+                    calibration=calib,
+                    budget=cfg.budget,
+                    round_to=cfg.round_to,
+                )
+                masks = res.details.get("masks") if method == "sipp" else None
+                ft = run_finetune(
+                    res.model, data, train_cfg, cfg.finetune_steps, cfg.finetune_seconds, masks=masks, log=log
+                )
+            res.details["finetune"] = ft
+            from models.compression.cost import count_cost
+
+            res.before = count_cost(dense_net, (3, tile, tile))
+            res.after = count_cost(res.model, (3, tile, tile))
+            res.input_shape = (3, tile, tile)
+            path = out_dir / f"crowns-{method}-{int(round(ratio * 100))}.onnx"
+            meta = dict(dense_meta)
+            meta["model_version"] = (
+                f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
+            )
+            record = export_compressed(res, path, tile, metadata=meta)
+            ev = evaluate_onnx(path, cfg, shift_images, truth)
+            torch.save(res.model, out_dir / f"crowns-{method}-{int(round(ratio * 100))}.pt")
+            results["runs"][key] = {
+                "method": method,
+                "ratio": ratio,
+                "onnx": str(path),
+                "record": record,
+                "params": res.after.params,
+                "nonzero_params": res.after.nonzero_params,
+                "macs": res.after.macs,
+                "size_mb": path.stat().st_size / 1e6,
+                "seconds": round(time.time() - t0, 1),
+                **ev,
+            }
+            save_results(cfg.results, results)
+            log(
+                f"{key}: F1 {ev['f1']:.3f} params {res.after.params / 1e6:.2f}M "
+                f"macs {res.after.macs / 1e9:.2f}G "
+                f"({time.time() - t0:.0f} s)"
+            )
+    return results
+
+
+def quantize_run(cfg: StudyConfig, key: str, n_tiles: int = 32) -> dict:
+    """Static int8 QDQ copy of one finished run (calibrated on crown training tiles); evaluated too."""
+    from models.export import quantize_static_qdq
+    from models.train_crowns import load_crown_net
+
+    results = load_results(cfg.results)
+    run = results["runs"][key]
+    _, train_cfg = load_crown_net(cfg.checkpoint)
+    data = CrownData(train_cfg, 8)
+    tile = int(run["record"]["input_shape"][-1])
+    q_path = Path(run["onnx"]).with_suffix(".int8.onnx")
+    quantize_static_qdq(
+        run["onnx"],
+        q_path,
+        data.uint8_tiles(n_tiles, tile),
+        per_channel=True,
+        extra_metadata={"compression": dict(run["record"], quantization="static int8 QDQ")},
+    )
+    ev = evaluate_onnx(q_path, cfg, prepare_shift_images(cfg), truth_polygons(cfg.truth, cfg.image))
+    results["runs"][key + "+int8"] = dict(
+        run, onnx=str(q_path), size_mb=q_path.stat().st_size / 1e6, quantized=True, **ev
+    )
+    save_results(cfg.results, results)
+    return results["runs"][key + "+int8"]
+
+
+def add_latency(cfg: StudyConfig, runs: int = 50, warmup: int = 10) -> dict:
+    """Round-robin ONNX Runtime latency of the dense model and every run; stored in the results."""
+    from bench.bench_models import bench
+
+    results = load_results(cfg.results)
+    paths = [results["dense"]["onnx"]] + [r["onnx"] for r in results["runs"].values()]
+    b = bench(paths, threads=cfg.threads, warmup=warmup, runs=runs)
+    results["latency"] = {k: v for k, v in b.items() if k != "models"}
+    results["dense"]["latency"] = b["models"][results["dense"]["onnx"]]
+    for r in results["runs"].values():
+        r["latency"] = b["models"][r["onnx"]]
+    save_results(cfg.results, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="crown-model compression study")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--dense-onnx", required=True)
+    ap.add_argument("--methods", default="pfp,alds,l1,uniform,random,sipp")
+    ap.add_argument("--ratios", default="0.7,0.8,0.5")
+    ap.add_argument("--finetune-steps", type=int, default=60)
+    ap.add_argument("--finetune-seconds", type=float, default=300.0)
+    ap.add_argument("--results", default="models/zoo/compression_results.json")
+    ap.add_argument("--out-dir", default="out/compression")
+    ap.add_argument("--latency", action="store_true", help="only (re)measure latency of finished runs")
+    ap.add_argument("--quantize", default=None, help="only quantize this finished run key, e.g. pfp@0.7")
+    ap.add_argument("--runs", type=int, default=50)
+    a = ap.parse_args(argv)
+    cfg = StudyConfig(
+        checkpoint=a.checkpoint,
+        dense_onnx=a.dense_onnx,
+        out_dir=a.out_dir,
+        results=a.results,
+        methods=a.methods.split(","),
+        ratios=[float(r) for r in a.ratios.split(",")],
+        finetune_steps=a.finetune_steps,
+        finetune_seconds=a.finetune_seconds,
+    )
+    if a.latency:
+        add_latency(cfg, runs=a.runs)
+    elif a.quantize:
+        print(json.dumps(quantize_run(cfg, a.quantize), indent=1))
+    else:
+        run_study(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def compress_crown_checkpoint(
+    checkpoint: str | Path,
+    method: str,
+    target_ratio: float,
+    out: str | Path | None = None,
+    finetune_steps: int = 0,
+    quantize: bool = False,
+    reference_onnx: str | Path | None = None,
+    budget: str = "macs",
+    threads: int = 2,
+    log=print,
+) -> dict:
+    """Compress a crown-model checkpoint and export it for the engine (the ``compress`` command).
+
+    Metadata (postprocess, GSD, tile size, ...) is copied from ``reference_onnx`` (default: the dense
+    zoo model) and a ``compression`` record is added. ``finetune_steps`` > 0 fine-tunes with LR rewinding
+    on the crown training data; ``quantize`` also writes a static int8 QDQ copy (``*.int8.onnx``).
+    """
+    from models.compression.compress import METHODS
+    from models.export import read_metadata
+    from models.train_crowns import load_crown_net
+    from pipeline.errors import InputError
+
+    if method not in METHODS:
+        raise InputError(f"--method {method!r} is unknown: use one of {', '.join(METHODS)}")
+    if not 0.0 < target_ratio < 1.0:
+        raise InputError(f"--target {target_ratio} must be the fraction removed, between 0 and 1 (e.g. 0.7)")
+    torch.set_num_threads(max(1, threads))
+    net, train_cfg = load_crown_net(checkpoint)
+    zoo = Path(__file__).resolve().parents[1] / "zoo"
+    if reference_onnx is None:
+        for cand in (zoo / "crowns-dense.onnx", zoo / "crowns.onnx"):
+            if cand.exists():
+                reference_onnx = cand
+                break
+    if reference_onnx is None or not Path(reference_onnx).exists():
+        raise InputError(
+            "no reference crown ONNX for the metadata: pass --reference-onnx models/zoo/crowns-dense.onnx"
+        )
+    meta = read_metadata(reference_onnx)
+    meta.pop("compression", None)
+    tile = int(meta.get("tile_size", train_cfg.tile_size))
+    pct = int(round(target_ratio * 100))
+    out = Path(out) if out else Path("out/compress") / f"crowns-{method}-{pct}.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    needs_data = method in ("pfp", "sipp") or finetune_steps > 0 or quantize
+    data = CrownData(train_cfg, 4) if needs_data else None
+    calib = data.calibration(8, 128) if method in ("pfp", "sipp") else None
+    res = compress(net, method, target_ratio, (3, 256, 256), calibration=calib, budget=budget, round_to=8)
+    if finetune_steps > 0:
+        masks = res.details.get("masks") if method == "sipp" else None
+        res.details["finetune"] = run_finetune(
+            res.model, data, train_cfg, finetune_steps, 1e9, masks=masks, log=log
+        )
+    from models.compression.cost import count_cost
+
+    res.before = count_cost(net, (3, tile, tile))
+    res.after = count_cost(res.model, (3, tile, tile))
+    res.input_shape = (3, tile, tile)
+    meta["model_version"] = f"{meta.get('model_version', 'crowns')}+{method}{pct}"
+    q_path = out.with_suffix(".int8.onnx") if quantize else None
+    tiles = data.uint8_tiles(32, tile) if quantize else None
+    record = export_compressed(res, out, tile, metadata=meta, calibration_tiles=tiles, quantized_path=q_path)
+    return {"onnx": str(out), "int8_onnx": str(q_path) if q_path else None, "record": record}

@@ -1,0 +1,105 @@
+"""Fine-tuning after compression: learning-rate rewinding and iterative prune-retrain schedules.
+
+LR rewinding (Renda et al., 2020, as used in the PFP/ALDS retraining): after pruning a network that was
+trained for E steps, retrain it for r steps with the ORIGINAL schedule's learning rates of steps
+[E - r, E], i.e. the schedule is rewound by r steps and replayed to its end (weights are not rewound).
+SiPP masks are re-applied after every optimiser step so pruned weights stay zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.compression.unstructured import apply_masks
+
+
+def rewound_schedule(
+    lr_factor: Callable[[int], float], total_steps: int, rewind_steps: int
+) -> Callable[[int], float]:
+    """LR factor of fine-tune step i = the original factor at step (total - rewind + i)."""
+    start = max(0, total_steps - rewind_steps)
+    return lambda i: lr_factor(min(total_steps - 1, start + i))
+
+
+def finetune(
+    net: nn.Module,
+    batch_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+    lr: float,
+    lr_factor: Callable[[int], float],
+    weight_decay: float = 1e-4,
+    masks: dict[str, torch.Tensor] | None = None,
+    time_limit_s: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train ``net`` in place for ``steps`` AdamW steps with LR ``lr * lr_factor(i)``.
+
+    ``batch_at(i)`` returns (inputs, targets) for step i; stops early at ``time_limit_s``. Returns a
+    record {"steps", "seconds", "loss_first", "loss_last"}.
+    """
+    opt = torch.optim.AdamW(
+        [p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    net.train()
+    t0 = time.time()
+    losses: list[float] = []
+    done = 0
+    for i in range(steps):
+        x, y = batch_at(i)
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if masks:
+            apply_masks(net, masks)
+        losses.append(float(loss))
+        done = i + 1
+        if log and (done % 10 == 0 or done == steps):
+            log(f"finetune step {done}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+        if time_limit_s is not None and time.time() - t0 > time_limit_s:
+            break
+    net.eval()
+    tail = losses[-10:] or [float("nan")]
+    return {
+        "steps": done,
+        "seconds": round(time.time() - t0, 1),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": sum(tail) / len(tail),
+    }
+
+
+def iterative_ratios(final_ratio: float, n_steps: int) -> list[float]:
+    """Per-step ratios (each relative to the network entering that step) reaching ``final_ratio``.
+
+    Geometric: every step removes the same fraction q of what is left, 1 - (1 - q)^n = final_ratio.
+    """
+    q = 1.0 - (1.0 - final_ratio) ** (1.0 / n_steps)
+    return [q] * n_steps
+
+
+def iterative_prune(
+    net: nn.Module,
+    compress_step: Callable[[nn.Module, float], nn.Module],
+    retrain: Callable[[nn.Module], dict],
+    final_ratio: float,
+    n_steps: int = 3,
+) -> tuple[nn.Module, list[dict]]:
+    """Prune-retrain cascade: ``n_steps`` times compress by the geometric step ratio, then retrain.
+
+    ``compress_step(net, ratio)`` returns the compressed network (sensitivities are recomputed on the
+    current network at every step, as in the PFP schedule); ``retrain(net)`` fine-tunes it in place.
+    """
+    history = []
+    current = copy.deepcopy(net)
+    for i, q in enumerate(iterative_ratios(final_ratio, n_steps)):
+        current = compress_step(current, q)
+        history.append({"step": i, "ratio": q, "retrain": retrain(current)})
+    return current, history
