@@ -1,13 +1,14 @@
 """Batched crown-model inference over tiles; fully masked tiles never reach the model.
 
-Tile reads run one step ahead of inference in a background thread (I/O and decoding overlap ONNX compute);
-each tile is read by the one reader thread only, so no GDAL handle is shared across threads.
+Tile reads run one batch ahead of inference in a background thread, and inference one batch ahead of the
+caller's post-processing (I/O, ONNX compute and crown extraction overlap); every tile is read by the one
+reader thread only, so no GDAL handle is used by two threads at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -46,13 +47,22 @@ def predict_tiles(model: OnnxModel, ortho: Ortho, tiles: Iterable[Tile], batch_s
     if tiles and (int(tiles[0].window.width) != size or int(tiles[0].window.height) != size):
         raise ValueError(f"tiles are {tiles[0].window.width} px but the model takes {size} px")
     reader = _read_batches(ortho, tiles, max(1, int(batch_size)), on_skip)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
-        pending = pool.submit(next, reader, None)
+    # three stages overlap: the reader thread reads batch k+1, ONNX Runtime (which releases the GIL) runs
+    # batch k in the model thread, and the caller post-processes batch k-1
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reads, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-model") as runs:
+        next_batch = reads.submit(next, reader, None)
+        previous: tuple[Batch, Future] | None = None
         while True:
-            batch = pending.result()
-            if batch is None:
+            batch = next_batch.result()
+            current = None
+            if batch is not None:
+                next_batch = reads.submit(next, reader, None)
+                current = (batch, runs.submit(model.run, np.stack([rgb for _, rgb, _ in batch])))
+            if previous is not None:
+                done, probs = previous[0], previous[1].result()
+                for (tile, _, valid), p in zip(done, probs, strict=True):
+                    yield tile, p, valid
+            if current is None:
                 break
-            pending = pool.submit(next, reader, None)
-            probs = model.run(np.stack([rgb for _, rgb, _ in batch]))
-            for (tile, _, valid), p in zip(batch, probs, strict=True):
-                yield tile, p, valid
+            previous = current

@@ -7,6 +7,8 @@ are zeroed. Crowns whose best softmax probability is below the model's ``unknown
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import geopandas as gpd
 import numpy as np
 import rasterio.features
@@ -90,29 +92,38 @@ def classify_crowns(model: OnnxModel | None, ortho: Ortho, crowns_gdf: gpd.GeoDa
     order = np.argsort(block_id, kind="stable")
     span_px = max(1, int(round(chip_px * chip_gsd / ortho.gsd_m)))
     pending: list[tuple[int, np.ndarray]] = []
+    running: list[tuple[list[int], Future]] = []
 
-    def flush() -> None:
+    def flush(runs: ThreadPoolExecutor) -> None:  # ONNX Runtime (GIL released) runs while chips are cut
         if pending:
-            idx = [i for i, _ in pending]
-            probs[idx] = model.run(np.stack([c for _, c in pending]))
+            batch = np.stack([c for _, c in pending])
+            running.append(([i for i, _ in pending], runs.submit(model.run, batch)))
             pending.clear()
+        while len(running) > 1 or (running and running[-1][1].done()):
+            idx, fut = running.pop(0)
+            probs[idx] = fut.result()
 
-    for bid in np.unique(block_id):
-        members = order[block_id[order] == bid]
-        wins = [chip_window(ortho, (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd) for i in members]
-        c0 = min(int(w.col_off) for w in wins)
-        r0 = min(int(w.row_off) for w in wins)
-        c1 = max(int(w.col_off) for w in wins) + span_px
-        r1 = max(int(w.row_off) for w in wins) + span_px
-        b_win = Window(c0, r0, c1 - c0, r1 - r0)
-        b_rgb, b_valid = ortho.read(b_win)
-        for i in members:
-            chip = crown_chip(ortho, geoms[i], (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd,
-                              block=(b_rgb, b_valid, b_win))
-            pending.append((int(i), chip))
-            if len(pending) == batch_size:
-                flush()
-    flush()
+    sorted_ids = block_id[order]
+    blocks = np.split(order, np.flatnonzero(np.diff(sorted_ids)) + 1) if n else []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="species-model") as runs:
+        for members in blocks:
+            wins = [chip_window(ortho, (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd)
+                    for i in members]
+            c0 = min(int(w.col_off) for w in wins)
+            r0 = min(int(w.row_off) for w in wins)
+            c1 = max(int(w.col_off) for w in wins) + span_px
+            r1 = max(int(w.row_off) for w in wins) + span_px
+            b_win = Window(c0, r0, c1 - c0, r1 - r0)
+            b_rgb, b_valid = ortho.read(b_win)
+            for i in members:
+                chip = crown_chip(ortho, geoms[i], (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd,
+                                  block=(b_rgb, b_valid, b_win))
+                pending.append((int(i), chip))
+                if len(pending) == batch_size:
+                    flush(runs)
+        flush(runs)
+        for idx, fut in running:
+            probs[idx] = fut.result()
     best = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
     best_prob = probs[np.arange(n), best] if n else np.zeros(0)
     threshold = model.meta.unknown_threshold
