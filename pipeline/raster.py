@@ -34,6 +34,7 @@ os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 GSD_TOLERANCE = 0.10  # resample when |input GSD - model GSD| > 10 % of the model GSD
 _SAMPLE_PX = 1024  # longest edge of the decimated read used for the stretch
+MAX_COMPRESSION_RATIO = 20_000  # declared pixel bytes / file bytes above this: a corrupt GeoTIFF header
 READ_ATTEMPTS = 3  # a failed read (network drive hiccup) is retried before the file is called corrupt
 READ_BACKOFF_S = 0.2  # wait before retry k: READ_BACKOFF_S * 2**k
 
@@ -123,6 +124,7 @@ class Ortho:
 
     def _setup(self, bands: tuple[int, ...], crs: str | None, target_gsd_m: float | None) -> None:
         src = self._src
+        self._check_declared_size()
         if len(bands) != 3:
             raise InputError(f"{self.path}: --bands must name 3 bands (red,green,blue), got {bands}")
         if max(bands) > src.count:
@@ -185,6 +187,19 @@ class Ortho:
             raise InputError(f"{self.path}: every pixel is nodata or masked (nodata value, alpha or NaN); "
                              "check the nodata setting or --bands, or pass an orthomosaic with image data")
         self.stretch = compute_stretch(sample, valid, self.dtype)
+
+    def _check_declared_size(self) -> None:
+        """A GeoTIFF whose header declares far more pixels than its bytes could hold (a corrupt header, or
+        tiles missing) is refused before anything is planned over its bogus extent."""
+        src = self._src
+        if src.driver != "GTiff" or not self.path.is_file():
+            return
+        declared = src.width * src.height * sum(np.dtype(d).itemsize for d in src.dtypes)
+        size = self.path.stat().st_size
+        if declared > MAX_COMPRESSION_RATIO * max(size, 1):
+            raise InputError(f"{self.path}: header declares {src.width} x {src.height} px "
+                             f"({declared / 1e9:.1f} GB) but the file holds {size / 1e6:.2f} MB: the header "
+                             "is corrupt or the file truncated; copy or export it again")
 
     # -- reading -------------------------------------------------------------------------------------------
     def _read_raw(self, window: Window, out_shape: tuple[int, int] | None = None
