@@ -152,7 +152,11 @@ def run_batch(folder: str | Path, out: str | Path, options: dict[str, Any] | Non
     every orthomosaic (instead of one cluster per subflow)."""
     from flows.settings import local_run
 
-    make_task_runner(task_runner, workers=workers, dask_address=dask_address)  # bad choices fail here, early
+    # bad usage fails here, before any Prefect machinery starts
+    make_task_runner(task_runner, workers=workers, dask_address=dask_address)
+    if not find_orthomosaics(folder):
+        raise InputError(f"{folder}: no orthomosaics (*.tif, *.tiff, *.vrt) found; pass the folder that "
+                         "holds them")
     with contextlib.ExitStack() as stack:
         stack.enter_context(local_run())
         if task_runner == "dask" and not dask_address:
