@@ -174,6 +174,41 @@ def _check_exists(path: Path | None, flag: str) -> None:
         raise InputError(f"{path}: file given to {flag} not found; pass an existing file")
 
 
+def _check_outputs_spare_inputs(cfg: InventoryConfig) -> None:
+    """Refuse an --out that is an input file, or that holds an input under one of the output names."""
+    out = cfg.out_dir.resolve()
+    for path, flag in ((cfg.ortho, "ORTHO"), (cfg.chm, "--chm"), (cfg.dsm, "--dsm"), (cfg.dtm, "--dtm"),
+                       (cfg.plots, "--plots"), (cfg.crown_model, "--crown-model"),
+                       (cfg.species_model, "--species-model")):
+        if path is None:
+            continue
+        resolved = path.resolve()
+        if resolved == out:
+            raise InputError(f"{cfg.out_dir}: --out is the {flag} input file; pass a folder for the outputs, "
+                             f"e.g. --out out/{path.stem}")
+        if (resolved.parent == out and resolved.name in OUTPUT_NAMES) or out / ".work" in resolved.parents:
+            raise InputError(f"{path}: the run would overwrite this {flag} input with an output of the same "
+                             "name; move the file or pass another --out")
+
+
+def _check_height_overlap(path: Path, what: str, ortho: Ortho) -> None:
+    """A CHM/DSM/DTM must overlap the orthomosaic (any CRS: bounds compared in the working CRS)."""
+    from rasterio.warp import transform_bounds
+
+    from pipeline.height import open_height_raster
+
+    with open_height_raster(path, what) as src:
+        try:
+            left, bottom, right, top = transform_bounds(src.crs, ortho.crs, *src.bounds, densify_pts=21)
+        except Exception:  # noqa: BLE001 - PROJ errors come in several types
+            raise InputError(f"{path}: {what} bounds cannot be transformed to {ortho.crs.to_string()}; "
+                             f"check the {what}'s CRS") from None
+    o_left, o_bottom, o_right, o_top = ortho.bounds
+    if right <= o_left or left >= o_right or top <= o_bottom or bottom >= o_top:
+        raise InputError(f"{path}: {what} does not overlap the orthomosaic {ortho.path.name}; pass the "
+                         f"{what} of the same site (check its CRS)")
+
+
 def validate(config: InventoryConfig) -> RunPlan:
     """Open and check every input and model, plan tiles and tile groups, prepare ``out/.work``.
 
@@ -182,6 +217,7 @@ def validate(config: InventoryConfig) -> RunPlan:
 
     cfg = config
     _check_exists(cfg.ortho, "ORTHO")
+    _check_outputs_spare_inputs(cfg)
     crown_path = cfg.crown_model or default_model_path("crowns.onnx")
     if not crown_path.is_file():
         raise InputError(f"{crown_path}: crown model not found; pass --crown-model PATH (an ONNX crown "
@@ -207,6 +243,9 @@ def validate(config: InventoryConfig) -> RunPlan:
     pp = dict(postprocess_kwargs(crown.meta.postprocess))
     pp.update(postprocess_kwargs(cfg.postprocess))
     with open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, target_gsd_m=crown.meta.gsd_m) as ortho:
+        for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
+            if path is not None:
+                _check_height_overlap(path, what, ortho)
         tiles = plan_tiles(ortho.width, ortho.height, crown.meta.tile_size, crown.meta.overlap_px)
         grid = dict(width=ortho.width, height=ortho.height, transform=tuple(ortho.transform)[:6],
                     crs=ortho.crs.to_wkt(), crs_name=ortho.crs.to_string(), gsd_m=ortho.gsd_m,
@@ -225,6 +264,8 @@ def validate(config: InventoryConfig) -> RunPlan:
     except OSError as exc:
         raise InputError(f"{cfg.out_dir}: cannot create the output folder ({exc.strerror}); pass a writable "
                          "--out") from None
+    if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
+        raise InputError(f"{cfg.out_dir}: the output folder is not writable; pass a writable --out")
     work = cfg.out_dir / ".work"
     plan_file = work / "plan.json"
     if plan_file.exists():
