@@ -69,7 +69,9 @@ def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame) -> Path:
     cols = [c for c in CROWN_PROPERTIES if c in crowns.columns] + \
         [c for c in ("lon", "lat", "cell_id", "plot_id") if c in crowns.columns]
     with atomic_path(path) as tmp:
-        crowns[cols + [crowns.geometry.name]].to_file(tmp, driver="GeoJSON", engine="pyogrio", RFC7946="YES")
+        # layer name given: GDAL would otherwise write the temp file's name into the "name" member
+        crowns[cols + [crowns.geometry.name]].to_file(tmp, driver="GeoJSON", engine="pyogrio", layer="crowns",
+                                                      RFC7946="YES")
     return Path(path)
 
 
