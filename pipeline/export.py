@@ -28,6 +28,7 @@ import pyogrio
 import rasterio
 import rasterio.features
 import rasterio.shutil
+import shapely
 from affine import Affine
 from PIL import Image
 from rasterio.crs import CRS
@@ -64,14 +65,22 @@ def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df[keep]
 
 
-def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame) -> Path:
-    """RFC 7946 GeoJSON (reprojected to WGS84 by GDAL, coordinates rounded to 7 decimals)."""
+def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int = 5000) -> Path:
+    """RFC 7946 GeoJSON: WGS84 lon/lat rounded to 7 decimals (~1 cm), no ``crs`` member, exterior rings
+    counter-clockwise, NaN written as null; one Feature per tree (vectorised: GEOS writes the geometries)."""
     cols = [c for c in CROWN_PROPERTIES if c in crowns.columns] + \
         [c for c in ("lon", "lat", "cell_id", "plot_id") if c in crowns.columns]
-    with atomic_path(path) as tmp:
-        # layer name given: GDAL would otherwise write the temp file's name into the "name" member
-        crowns[cols + [crowns.geometry.name]].to_file(tmp, driver="GeoJSON", engine="pyogrio", layer="crowns",
-                                                      RFC7946="YES")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write('{"type":"FeatureCollection","features":[')
+        for start in range(0, len(crowns), chunk):  # bounded memory for any number of crowns
+            part = crowns.iloc[start:start + chunk]
+            lonlat = shapely.orient_polygons(part.geometry.to_crs(4326).to_numpy())
+            lonlat = shapely.transform(lonlat, lambda xy: np.round(xy, 7))
+            props = pd.DataFrame(part[cols]).to_json(orient="records", lines=True, double_precision=10)
+            features = zip(props.splitlines(), shapely.to_geojson(lonlat), strict=True)
+            for i, (p, g) in enumerate(features):
+                fh.write(("," if start + i else "") + f'\n{{"type":"Feature","properties":{p},"geometry":{g}}}')
+        fh.write("\n]}\n")
     return Path(path)
 
 

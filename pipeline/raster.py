@@ -30,7 +30,7 @@ from pipeline.errors import InputError
 
 # GDAL's block cache defaults to 5% of RAM and is sized once, at the first read: cap it so that peak memory
 # does not grow with the orthomosaic (override by setting GDAL_CACHEMAX in the environment).
-os.environ.setdefault("GDAL_CACHEMAX", "256")
+os.environ.setdefault("GDAL_CACHEMAX", "64")
 
 GSD_TOLERANCE = 0.10  # resample when |input GSD - model GSD| > 10 % of the model GSD
 _SAMPLE_PX = 1024  # longest edge of the decimated read used for the stretch
