@@ -79,7 +79,8 @@ def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int 
             props = pd.DataFrame(part[cols]).to_json(orient="records", lines=True, double_precision=10)
             features = zip(props.splitlines(), shapely.to_geojson(lonlat), strict=True)
             for i, (p, g) in enumerate(features):
-                fh.write(("," if start + i else "") + f'\n{{"type":"Feature","properties":{p},"geometry":{g}}}')
+                sep = "," if start + i else ""
+                fh.write(f'{sep}\n{{"type":"Feature","properties":{p},"geometry":{g}}}')
         fh.write("\n]}\n")
     return Path(path)
 
