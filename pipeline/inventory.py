@@ -32,7 +32,7 @@ from pipeline.crowns import DEFAULTS as CROWN_DEFAULTS
 from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs
 from pipeline.errors import InputError
 from pipeline.onnx_model import CROWN_TASK, SPECIES_TASK, ModelMeta, OnnxModel
-from pipeline.raster import Ortho, open_ortho
+from pipeline.raster import Ortho, Stretch, open_ortho
 from pipeline.tiling import Tile, group_tiles, plan_tiles
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stage "tiles" advances per tile
@@ -102,6 +102,7 @@ class RunPlan:
     tiles: list[Tile]
     groups: list[list[int]]
     fingerprint: str
+    stretch: Stretch | None = None  # the one stretch of the orthomosaic (computed once, in validate)
     started: float = field(default_factory=time.time)
     _local: Any = field(default=None, repr=False, compare=False)
 
@@ -123,7 +124,7 @@ class RunPlan:
         if "ortho" not in cache:
             cfg = self.config
             cache["ortho"] = open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs,
-                                        target_gsd_m=self.crown_meta.gsd_m)
+                                        target_gsd_m=self.crown_meta.gsd_m, stretch=self.stretch)
         return cache["ortho"]
 
     def crown_model(self) -> OnnxModel:
@@ -249,7 +250,7 @@ def validate(config: InventoryConfig) -> RunPlan:
         tiles = plan_tiles(ortho.width, ortho.height, crown.meta.tile_size, crown.meta.overlap_px)
         grid = dict(width=ortho.width, height=ortho.height, transform=tuple(ortho.transform)[:6],
                     crs=ortho.crs.to_wkt(), crs_name=ortho.crs.to_string(), gsd_m=ortho.gsd_m,
-                    warped=ortho.warped)
+                    warped=ortho.warped, stretch=ortho.stretch)
     groups = group_tiles(tiles, cfg.tiles_per_group)
     models = {crown_path.stem: crown.sha256}
     if species is not None:

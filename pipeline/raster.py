@@ -107,7 +107,7 @@ class Ortho:
     """
 
     def __init__(self, path: str | os.PathLike, bands: tuple[int, ...] = (1, 2, 3), crs: str | None = None,
-                 target_gsd_m: float | None = None):
+                 target_gsd_m: float | None = None, stretch: Stretch | None = None):
         self.path = Path(path)
         if not self.path.exists() and not str(path).startswith("/vsi"):
             raise InputError(f"{self.path}: orthomosaic not found; pass an existing GeoTIFF/COG/VRT")
@@ -117,12 +117,13 @@ class Ortho:
             raise InputError(f"{self.path}: not a readable raster ({str(exc).splitlines()[0][:120]}); pass a "
                              "GeoTIFF, COG or VRT") from None
         try:
-            self._setup(bands, crs, target_gsd_m)
+            self._setup(bands, crs, target_gsd_m, stretch)
         except BaseException:
             self._src.close()
             raise
 
-    def _setup(self, bands: tuple[int, ...], crs: str | None, target_gsd_m: float | None) -> None:
+    def _setup(self, bands: tuple[int, ...], crs: str | None, target_gsd_m: float | None,
+               stretch: Stretch | None = None) -> None:
         src = self._src
         self._check_declared_size()
         if len(bands) != 3:
@@ -182,6 +183,9 @@ class Ortho:
                                  width=self.width, height=self.height, resampling=resampling,
                                  add_alpha=ColorInterp.alpha not in src.colorinterp)
         self.gsd_m = math.sqrt(abs(self.transform.determinant))
+        if stretch is not None:  # computed before (RunPlan): skip the decimated read of the whole image
+            self.stretch = stretch
+            return
         sample, valid, _ = self.read_decimated(_SAMPLE_PX, stretch=False)
         if not valid.any():
             raise InputError(f"{self.path}: every pixel is nodata or masked (nodata value, alpha or NaN); "
@@ -290,7 +294,8 @@ class Ortho:
 
 
 def open_ortho(path: str | os.PathLike, bands: tuple[int, ...] = (1, 2, 3), crs: str | None = None,
-               target_gsd_m: float | None = None) -> Ortho:
+               target_gsd_m: float | None = None, stretch: Stretch | None = None) -> Ortho:
     """Open ``path`` for tiled reading (use as a context manager). ``crs`` assigns a CRS (e.g. "EPSG:32617")
-    to an input that lacks one; ``target_gsd_m`` is the model GSD to resample to when off by > 10%."""
-    return Ortho(path, bands=bands, crs=crs, target_gsd_m=target_gsd_m)
+    to an input that lacks one; ``target_gsd_m`` is the model GSD to resample to when off by > 10%;
+    ``stretch`` reuses a stretch computed earlier for the same file and bands (it is computed otherwise)."""
+    return Ortho(path, bands=bands, crs=crs, target_gsd_m=target_gsd_m, stretch=stretch)
