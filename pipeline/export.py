@@ -183,10 +183,15 @@ def write_crown_mask(path: str | os.PathLike, crowns: gpd.GeoDataFrame, width: i
 
 
 def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray, transform: Affine,
-                    crs: CRS | str, crowns: gpd.GeoDataFrame) -> Path:
+                    crs: CRS | str, crowns: gpd.GeoDataFrame, min_px: int = 1024) -> Path:
     """PNG of a decimated ortho (``rgb`` [3, h, w] uint8 on ``transform``) with crown outlines coloured by
     species, plus a world file (.wld) and a .png.aux.xml carrying the CRS so GIS places it."""
     path = Path(path)
+    k = max(1, min_px // max(valid.shape))  # small scenes: enlarge (nearest) so outlines stay thin
+    if k > 1:
+        rgb = np.repeat(np.repeat(rgb, k, axis=1), k, axis=2)
+        valid = np.repeat(np.repeat(valid, k, axis=0), k, axis=1)
+        transform = transform @ Affine.scale(1 / k)
     img = np.where(valid[None], rgb, 255).astype(np.uint8)
     if len(crowns):
         species = list(crowns["species"]) if "species" in crowns else ["unknown"] * len(crowns)

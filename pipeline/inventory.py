@@ -666,8 +666,11 @@ def run_inventory(config: InventoryConfig, progress: Progress | None = None) -> 
             progress("attributes", 0, 1)
         trees = add_attributes(plan, crowns)
         if progress:
+            progress("attributes", 1, 1)
             progress("carbon", 0, 1)
         result = add_carbon(plan, trees)
+        if progress:
+            progress("carbon", 1, 1)
         summary = write_outputs(plan, result, progress)
     finally:
         plan.close()

@@ -87,7 +87,8 @@ def test_crown_mask_is_cog_with_labels(tmp_path, crowns):
 def test_quicklook_with_world_file(tmp_path, crowns):
     rgb = np.full((3, 130, 160), 80, np.uint8)
     qt = T @ Affine.scale(2)
-    path = export.write_quicklook(tmp_path / "quicklook.png", rgb, np.ones((130, 160), bool), qt, UTM, crowns)
+    path = export.write_quicklook(tmp_path / "quicklook.png", rgb, np.ones((130, 160), bool), qt, UTM, crowns,
+                                  min_px=1)
     wld = [float(v) for v in (tmp_path / "quicklook.wld").read_text().split()]
     assert wld[0] == pytest.approx(0.2) and wld[3] == pytest.approx(-0.2)
     assert wld[4] == pytest.approx(500000.1)
@@ -103,3 +104,11 @@ def test_failed_write_leaves_nothing(tmp_path, crowns):
     with pytest.raises(ValueError):
         export.write_crown_mask(tmp_path / "crown_mask.tif", bad, 100, 100, T, UTM)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_small_quicklook_is_enlarged(tmp_path, crowns):
+    rgb = np.full((3, 130, 160), 80, np.uint8)
+    path = export.write_quicklook(tmp_path / "q.png", rgb, np.ones((130, 160), bool), T @ Affine.scale(2), UTM,
+                                  crowns)
+    with rasterio.open(path) as src:  # 1024 // 160 = 6 times larger, same footprint
+        assert src.width == 960 and src.transform.a == pytest.approx(0.2 / 6)
