@@ -108,7 +108,7 @@ def test_failed_write_leaves_nothing(tmp_path, crowns):
 
 def test_small_quicklook_is_enlarged(tmp_path, crowns):
     rgb = np.full((3, 130, 160), 80, np.uint8)
-    path = export.write_quicklook(tmp_path / "q.png", rgb, np.ones((130, 160), bool), T @ Affine.scale(2), UTM,
-                                  crowns)
+    valid = np.ones((130, 160), bool)
+    path = export.write_quicklook(tmp_path / "q.png", rgb, valid, T @ Affine.scale(2), UTM, crowns)
     with rasterio.open(path) as src:  # 1024 // 160 = 6 times larger, same footprint
         assert src.width == 960 and src.transform.a == pytest.approx(0.2 / 6)
