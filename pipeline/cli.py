@@ -91,7 +91,7 @@ def run_cmd(
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads [all cores]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the carbon Monte Carlo."),
     plots: str = typer.Option(None, "--plots", help="Plot polygons (GPKG/GeoJSON) for per-plot totals."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per ONNX call."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Tiles per ONNX call (more: more memory)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
