@@ -66,7 +66,7 @@ class InventoryConfig:
     threads: int | None = None  # ONNX intra-op threads; None = all cores
     seed: int = 0
     plots: Path | None = None
-    batch_size: int = 1  # tiles per ONNX call: larger batches cost memory (~120 MB per 512 px tile) for no speed
+    batch_size: int = 1  # tiles per ONNX call: more costs memory (~120 MB per 512 px tile), no speed
     tiles_per_group: int = 32
     cell_m: float = 100.0
     postprocess: dict[str, float] = field(default_factory=dict)  # overrides the model's own thresholds
