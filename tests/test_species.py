@@ -1,4 +1,4 @@
-"""Species model: metrics on a hand-made case, crown chips, one training step, export + metadata round trip."""
+"""Species model: metrics on a hand-made case, crown chips, one training step, export + metadata."""
 
 from __future__ import annotations
 
