@@ -134,3 +134,10 @@ def test_pfp_keeps_more_of_the_layers_that_matter():
     assert kept_in >= 4
     w = res.model[2].weight.detach().abs().sum((0, 2, 3))
     assert (w > 0.01).sum() >= 4  # the four strong channels survived
+
+
+def test_alds_k1_uses_plain_convs_and_meets_budget():
+    net = tiny_unet()
+    res = compress(net, "alds", 0.6, SHAPE, budget="macs", alds_k_max=1)
+    assert abs(res.after.macs / res.before.macs - 0.4) <= 0.02
+    assert all(m.groups == 1 for m in res.model.modules() if isinstance(m, nn.Conv2d))

@@ -63,11 +63,13 @@ class CompressionResult:
 
 def compress(model: nn.Module, method: str, target_ratio: float, input_shape: tuple[int, int, int],
              calibration: list[torch.Tensor] | None = None, budget: str = "macs",
-             round_to: int | None = None, seed: int = 0, inplace: bool = False) -> CompressionResult:
+             round_to: int | None = None, seed: int = 0, inplace: bool = False,
+             alds_k_max: int = 8) -> CompressionResult:
     """Compress a float network (NCHW float in, logits out) with ``method`` to ``target_ratio``.
 
     ``calibration``: float input batches for the data-informed methods (PFP, SiPP), e.g. 8-32
     normalised training tiles; ``input_shape`` (C, H, W) is the shape MACs are counted at.
+    ``alds_k_max``: largest ALDS group count (1 = plain SVD low-rank pairs, no grouped convs).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
@@ -82,7 +84,7 @@ def compress(model: nn.Module, method: str, target_ratio: float, input_shape: tu
         net, details = prune_sipp(net, calibration, target_ratio)
         details = {k: v for k, v in details.items() if k != "masks"} | {"masks": details["masks"]}
     elif method == "alds":
-        net, details = compress_alds(net, input_shape, target_ratio, budget, seed=seed)
+        net, details = compress_alds(net, input_shape, target_ratio, budget, k_max=alds_k_max, seed=seed)
     elif method == "l1":
         net, details = prune_l1(net, input_shape, target_ratio, budget, round_to)
     elif method == "uniform":

@@ -115,6 +115,13 @@ def _loss_fn(train_cfg) -> nn.Module:
     )
 
 
+def trained_steps(checkpoint: str | Path) -> int:
+    """Steps the checkpoint was trained for (the point LR rewinding replays the schedule up to)."""
+    from models.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(checkpoint)["step"])
+
+
 def run_finetune(
     net: nn.Module,
     data: CrownData,
@@ -124,11 +131,14 @@ def run_finetune(
     masks=None,
     step_offset: int = 5_000_000,
     log=print,
+    total_steps: int | None = None,
 ) -> dict:
-    """LR-rewinding fine-tune: replay the last ``steps`` of the crown model's own LR schedule."""
+    """LR-rewinding fine-tune: replay the ``steps`` schedule steps before ``total_steps`` (default: the
+    configured iterations) of the crown model's own LR schedule."""
     from models.train_crowns import _lr_factor
 
-    sched = rewound_schedule(lambda s: _lr_factor(s, train_cfg), train_cfg.iterations, steps)
+    total = int(total_steps or train_cfg.iterations)
+    sched = rewound_schedule(lambda s: _lr_factor(s, train_cfg), total, steps)
     rec = finetune(
         net,
         lambda i: data.batch(step_offset + i),
@@ -141,9 +151,7 @@ def run_finetune(
         time_limit_s=seconds,
         log=log,
     )
-    rec["lr_rewinding"] = (
-        f"LR schedule replayed from step {train_cfg.iterations - steps} of {train_cfg.iterations}"
-    )
+    rec["lr_rewinding"] = f"LR schedule replayed from step {max(0, total - steps)} to {total}"
     return rec
 
 
@@ -210,6 +218,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         log(f"dense: F1 {results['dense']['f1']:.3f}")
     data = CrownData(train_cfg, cfg.finetune_batch)
     calib = data.calibration(cfg.calib_images, cfg.calib_px)
+    total = trained_steps(cfg.checkpoint)
+    results["dense"]["trained_steps"] = total
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for ratio in cfg.ratios:
@@ -234,6 +244,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                         max(1, cfg.finetune_steps // cfg.random_candidates),
                         cfg.finetune_seconds / cfg.random_candidates,
                         log=log,
+                        total_steps=total,
                     )
                     score = validation_score(r.model, data, train_cfg, postprocess)
                     cands.append({"seed": i, "val_f1": score})
@@ -242,7 +253,13 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                 res = best[1]
                 res.details["candidates"] = cands
                 ft = run_finetune(
-                    res.model, data, train_cfg, cfg.finetune_steps, cfg.finetune_seconds, log=log
+                    res.model,
+                    data,
+                    train_cfg,
+                    cfg.finetune_steps,
+                    cfg.finetune_seconds,
+                    log=log,
+                    total_steps=total,
                 )
             else:
                 res = compress(
@@ -256,7 +273,14 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                 )
                 masks = res.details.get("masks") if method == "sipp" else None
                 ft = run_finetune(
-                    res.model, data, train_cfg, cfg.finetune_steps, cfg.finetune_seconds, masks=masks, log=log
+                    res.model,
+                    data,
+                    train_cfg,
+                    cfg.finetune_steps,
+                    cfg.finetune_seconds,
+                    masks=masks,
+                    log=log,
+                    total_steps=total,
                 )
             res.details["finetune"] = ft
             from models.compression.cost import count_cost
@@ -347,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", action="store_true", help="only (re)measure latency of finished runs")
     ap.add_argument("--quantize", default=None, help="only quantize this finished run key, e.g. pfp@0.7")
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2, help="torch/ORT threads")
+    ap.add_argument("--shifts", default=",".join(SHIFTS), help="comma-separated shift names")
     a = ap.parse_args(argv)
     cfg = StudyConfig(
         checkpoint=a.checkpoint,
@@ -357,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios=[float(r) for r in a.ratios.split(",")],
         finetune_steps=a.finetune_steps,
         finetune_seconds=a.finetune_seconds,
+        threads=a.threads,
+        shifts=a.shifts.split(","),
     )
     if a.latency:
         add_latency(cfg, runs=a.runs)
@@ -423,7 +451,14 @@ def compress_crown_checkpoint(
     if finetune_steps > 0:
         masks = res.details.get("masks") if method == "sipp" else None
         res.details["finetune"] = run_finetune(
-            res.model, data, train_cfg, finetune_steps, 1e9, masks=masks, log=log
+            res.model,
+            data,
+            train_cfg,
+            finetune_steps,
+            1e9,
+            masks=masks,
+            log=log,
+            total_steps=trained_steps(checkpoint),
         )
     from models.compression.cost import count_cost
 

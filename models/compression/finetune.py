@@ -60,7 +60,7 @@ def finetune(
         sched.step()
         if masks:
             apply_masks(net, masks)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         done = i + 1
         if log and (done % 10 == 0 or done == steps):
             log(f"finetune step {done}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")

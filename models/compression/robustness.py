@@ -127,7 +127,7 @@ def write_shifted(src: str | os.PathLike, shift: str, dst: str | os.PathLike) ->
         count=3,
         dtype="uint8",
         tiled=False,
-        transform=transform * Affine.scale(rgb.shape[2] / out.shape[2], rgb.shape[1] / out.shape[1]),
+        transform=transform @ Affine.scale(rgb.shape[2] / out.shape[2], rgb.shape[1] / out.shape[1]),
     )
     profile.pop("blockxsize", None)
     profile.pop("blockysize", None)

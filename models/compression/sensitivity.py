@@ -35,33 +35,27 @@ def pfp_conv_sensitivity(weight: torch.Tensor, inputs: torch.Tensor, stride=1, p
                          eps: float = EPS, max_elements: int = 4_000_000) -> torch.Tensor:
     """PFP sensitivity s_j of every input channel j of a groups=1 conv (weight [f, c, kh, kw]).
 
-    ``inputs`` is the layer input [N, c, H, W]; returns float64 [c].
+    ``inputs`` is the layer input [N, c, H, W]; returns float64 [c]. Channel contributions are batched
+    matrix products over the unfolded input (one GEMM per input channel), chunked over positions.
     """
     weight = weight.detach().double()
     f, c, kh, kw = weight.shape
-    w_pos, w_neg = _split(weight)
+    taps = kh * kw
+    w_pos, w_neg = (t.reshape(f, c, taps).permute(1, 0, 2).contiguous() for t in _split(weight))  # [c, f, K]
     s = torch.zeros(c, dtype=torch.float64)
     for x in inputs.detach().double():
-        a_pos, a_neg = _split(x.unsqueeze(0))
-        probe = F.conv2d(a_pos[:, :1], weight[:1, :1], stride=stride, padding=padding, dilation=dilation)
-        out_hw = probe.shape[-2:]
-        chunk = max(1, int(max_elements // max(1, c * out_hw[0] * out_hw[1])))
-        for i0 in range(0, f, chunk):
-            sl = slice(i0, min(f, i0 + chunk))
-            b = sl.stop - sl.start
-            # grouped conv: group j holds the b filters W[sl, j] -> contribution of channel j to outputs sl
-            wp = w_pos[sl].permute(1, 0, 2, 3).reshape(c * b, 1, kh, kw)
-            wn = w_neg[sl].permute(1, 0, 2, 3).reshape(c * b, 1, kh, kw)
-
-            def conv(a, w):
-                return F.conv2d(a, w, stride=stride, padding=padding, dilation=dilation, groups=c)
-
-            pos = (conv(a_pos, wp) + conv(a_neg, wn)).reshape(c, b, *out_hw)
-            neg = (conv(a_neg, wp) + conv(a_pos, wn)).reshape(c, b, *out_hw)
+        cols = F.unfold(x.unsqueeze(0), (kh, kw), dilation=dilation, padding=padding, stride=stride)[0]
+        cols = cols.reshape(c, taps, -1)  # [c, K, P]
+        n_pos = cols.shape[-1]
+        chunk = max(1, int(max_elements // max(1, c * f)))
+        for p0 in range(0, n_pos, chunk):
+            a_pos, a_neg = _split(cols[:, :, p0:p0 + chunk])
+            pos = torch.bmm(w_pos, a_pos) + torch.bmm(w_neg, a_neg)  # [c, f, P]: C+_ij(p)
+            neg = torch.bmm(w_pos, a_neg) + torch.bmm(w_neg, a_pos)
             for part in (pos, neg):
                 z = part.sum(0, keepdim=True)
                 ratio = torch.where(z > eps, part / z.clamp(min=eps), torch.zeros_like(part))
-                s = torch.maximum(s, ratio.amax(dim=(1, 2, 3)))
+                s = torch.maximum(s, ratio.amax(dim=(1, 2)))
     return s
 
 

@@ -1,0 +1,177 @@
+"""Drone shifts, prune potential, LR rewinding, masks during fine-tuning, and the report writer."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+rasterio = pytest.importorskip("rasterio")
+
+from affine import Affine  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from models.compression.finetune import finetune, iterative_ratios, rewound_schedule  # noqa: E402
+from models.compression.report import selection, write_report  # noqa: E402
+from models.compression.robustness import SHIFTS, prune_potential, write_shifted  # noqa: E402
+from models.compression.unstructured import apply_masks  # noqa: E402
+
+
+@pytest.fixture()
+def scene():
+    rng = np.random.default_rng(0)
+    return rng.integers(20, 200, size=(3, 40, 60), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", sorted(SHIFTS))
+def test_shifts_change_the_image_and_keep_uint8(name, scene):
+    fn, scale = SHIFTS[name]
+    out = fn(scene)
+    assert out.dtype == np.uint8 and out.shape[0] == 3
+    assert out.shape[1:] == (round(40 / scale), round(60 / scale))
+    if scale == 1.0:
+        assert np.abs(out.astype(int) - scene).mean() > 0.5
+
+
+def test_brightness_and_white_balance_known_values():
+    img = np.full((3, 2, 2), 100, np.uint8)
+    assert (SHIFTS["brightness"][0](img) == 135).all()
+    wb = SHIFTS["white_balance"][0](img)
+    assert wb[0, 0, 0] == 115 and wb[1, 0, 0] == 100 and wb[2, 0, 0] == 80
+
+
+def test_write_shifted_keeps_georeference_and_nodata(tmp_path, scene):
+    src = tmp_path / "src.tif"
+    data = scene.copy()
+    data[:, :4, :4] = 255
+    t = Affine(0.1, 0, 500000, 0, -0.1, 3000000)
+    with rasterio.open(
+        src,
+        "w",
+        driver="GTiff",
+        width=60,
+        height=40,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32617",
+        transform=t,
+        nodata=255,
+    ) as ds:
+        ds.write(data)
+    for name in ("brightness", "gsd_plus25"):
+        dst = write_shifted(src, name, tmp_path / f"{name}.tif")
+        with rasterio.open(src) as a, rasterio.open(dst) as b:
+            assert b.bounds == pytest.approx(a.bounds)
+            assert b.nodata == 255
+            arr = b.read()
+            assert (arr[:, 0, 0] == 255).all()  # nodata stays nodata
+            assert (arr[:, 10:, 10:] < 255).all()  # no new nodata created by the brightening
+            if name == "gsd_plus25":
+                assert b.res == pytest.approx((0.125, 0.125), rel=0.02)
+
+
+def test_prune_potential_known_answer():
+    dense = {"nominal": 0.80, "haze": 0.60}
+    by_ratio = {
+        0.5: {"nominal": 0.799, "haze": 0.59},
+        0.7: {"nominal": 0.796, "haze": 0.50},
+        0.8: {"nominal": 0.70, "haze": 0.40},
+    }
+    pp = prune_potential(by_ratio, dense)
+    assert pp == {"nominal": 0.7, "haze": 0.0}
+
+
+def test_lr_rewinding_replays_the_end_of_the_schedule():
+    sched = rewound_schedule(lambda s: 1.0 - s / 100, total_steps=100, rewind_steps=20)
+    assert sched(0) == pytest.approx(0.20) and sched(19) == pytest.approx(0.01)
+    q = iterative_ratios(0.875, 3)
+    assert (1 - q[0]) ** 3 == pytest.approx(0.125)
+
+
+def test_finetune_reduces_loss_and_keeps_masked_weights_zero():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
+    mask = torch.rand_like(net[0].weight) > 0.5
+    masks = {"0": mask}
+    apply_masks(net, masks)
+    x = torch.randn(8, 3, 8, 8)
+    y = (x[:, 0] > 0).long()
+    rec = finetune(
+        net, lambda i: (x, y), torch.nn.functional.cross_entropy, 40, 1e-2, lambda i: 1.0, masks=masks
+    )
+    assert rec["steps"] == 40 and rec["loss_last"] < rec["loss_first"]
+    assert (net[0].weight[~mask] == 0).all()
+
+
+def _results():
+    shift = {"haze": 0.5}
+    return {
+        "dense": {
+            "onnx": "d.onnx",
+            "params": 1000,
+            "macs": 10_000,
+            "size_mb": 4.0,
+            "f1": 0.80,
+            "precision": 0.8,
+            "recall": 0.8,
+            "f1_shift": shift,
+            "latency": {"median_ms": 100.0, "p90_ms": 110.0},
+        },
+        "latency": {"cpu_count": 2, "load_avg_1m": 3.0},
+        "runs": {
+            "pfp@0.7": {
+                "method": "pfp",
+                "ratio": 0.7,
+                "onnx": "p.onnx",
+                "params": 300,
+                "nonzero_params": 300,
+                "macs": 3000,
+                "size_mb": 1.2,
+                "f1": 0.795,
+                "f1_shift": {"haze": 0.49},
+                "record": {"finetune": {"steps": 10, "seconds": 5}},
+                "latency": {"median_ms": 35.0, "p90_ms": 40.0},
+            },
+            "l1@0.7": {
+                "method": "l1",
+                "ratio": 0.7,
+                "onnx": "l.onnx",
+                "params": 300,
+                "nonzero_params": 300,
+                "macs": 3000,
+                "size_mb": 1.2,
+                "f1": 0.75,
+                "f1_shift": {"haze": 0.45},
+                "record": {},
+                "latency": {"median_ms": 34.0, "p90_ms": 40.0},
+            },
+            "sipp@0.7": {
+                "method": "sipp",
+                "ratio": 0.7,
+                "onnx": "s.onnx",
+                "params": 1000,
+                "nonzero_params": 300,
+                "macs": 10_000,
+                "size_mb": 4.0,
+                "f1": 0.80,
+                "f1_shift": {"haze": 0.5},
+                "record": {"sparse_size_bytes": 1800},
+                "latency": {"median_ms": 100.0, "p90_ms": 110.0},
+            },
+        },
+    }
+
+
+def test_selection_applies_the_goal():
+    best, ok = selection(_results())
+    assert best == "pfp@0.7" and ok == ["pfp@0.7"]  # l1 loses 5 points; sipp is not faster
+
+
+def test_report_writes_markdown_and_png(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_results()))
+    out = write_report(path, tmp_path)
+    md = out["markdown"].read_text()
+    assert "pfp@0.7" in md and "Shipped as `crowns.onnx`: `pfp@0.7`" in md and "| pfp | 0.7 | 0 |" in md
+    with Image.open(out["png"]) as im:
+        assert im.size == (900, 600) and im.format == "PNG"
