@@ -3,7 +3,7 @@
 Runs ``pipeline.inventory.run_inventory`` (what ``forest-inventory run`` calls) and ``flows.inventory``'s
 ``inventory_flow`` (what ``batch`` and served deployments run) alternately, ``--repeats`` times each, every
 run into a fresh output folder (no cache hits, no resumed groups), against one warm ephemeral Prefect
-server (its one-time start is reported apart). Default task runner: 2 threads. Writes JSON with the
+server (its one-time start is reported apart). Default task runner (flows.settings). Writes JSON with the
 median times and the overhead in % (target <= 15 %).
 
     python -m bench.bench_flow_overhead --out bench/out/flow_overhead.json
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
-    from flows.settings import configure, local_run
+    from flows.settings import DEFAULT_THREAD_WORKERS, configure, local_run
 
     configure(work)  # a fresh, private Prefect home: nothing of the user's is touched
     from flows.inventory import inventory_flow
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_overhead_pct": 15.0,
         "first_flow_with_server_start_s": warmup_s,
         "cached_rerun_s": cached_s,
-        "task_runner": "threads (2)", "onnx_threads": args.threads,
+        "task_runner": f"threads ({DEFAULT_THREAD_WORKERS})", "onnx_threads": args.threads,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }

@@ -146,12 +146,13 @@ def dask_cluster(workers: int) -> Iterator[str]:
 
 
 def run_batch(folder: str | Path, out: str | Path, options: dict[str, Any] | None = None, force: bool = False,
-              task_runner: str = "threads", workers: int = DEFAULT_THREAD_WORKERS,
+              task_runner: str = "threads", workers: int | None = None,
               dask_address: str | None = None) -> list[dict[str, Any]]:
     """Run :func:`batch_flow` in this process. With Dask and no address, one temporary LocalCluster serves
     every orthomosaic (instead of one cluster per subflow)."""
     from flows.settings import local_run
 
+    workers = workers or DEFAULT_THREAD_WORKERS
     # bad usage fails here, before any Prefect machinery starts
     make_task_runner(task_runner, workers=workers, dask_address=dask_address)
     if not find_orthomosaics(folder):

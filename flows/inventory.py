@@ -289,7 +289,10 @@ def inventory_flow(ortho: str, out: str, chm: str | None = None,
 def run_inventory_flow(ortho: str, out: str, chm: str | None = None, options: dict[str, Any] | None = None,
                        task_runner: str = "threads", workers: int = DEFAULT_THREAD_WORKERS,
                        dask_address: str | None = None) -> dict[str, Any]:
-    """Run :func:`inventory_flow` with the chosen task runner (``threads`` or ``dask``)."""
+    """Run :func:`inventory_flow` in this process with the chosen task runner (``threads`` or ``dask``)."""
+    from flows.settings import local_run
+
     runner = make_task_runner(task_runner, workers=workers, dask_address=dask_address)
-    return inventory_flow.with_options(task_runner=runner)(ortho=str(ortho), out=str(out),
-                                                           chm=str(chm) if chm else None, options=options)
+    with local_run():
+        return inventory_flow.with_options(task_runner=runner)(ortho=str(ortho), out=str(out),
+                                                               chm=str(chm) if chm else None, options=options)

@@ -137,11 +137,19 @@ def build_deployments(out: str | Path, name: str = "forest-inventory", folder: s
 
 def serve(out: str | Path, folder: str | Path | None = None, cron: str | None = None, watch: bool = False,
           watch_interval_s: float = 30.0, name: str = "forest-inventory",
-          options: dict[str, Any] | None = None, task_runner: str = "threads", workers: int = 2,
+          options: dict[str, Any] | None = None, task_runner: str = "threads", workers: int | None = None,
           dask_address: str | None = None,
           limit: int | None = None) -> None:
     """Serve the deployments until interrupted (Ctrl-C). See the module docstring."""
-    from flows.settings import DASK_ADDRESS_ENV, TASK_RUNNER_ENV, WORKERS_ENV, make_task_runner
+    from flows.settings import (
+        DASK_ADDRESS_ENV,
+        DEFAULT_THREAD_WORKERS,
+        TASK_RUNNER_ENV,
+        WORKERS_ENV,
+        make_task_runner,
+    )
+
+    workers = workers or DEFAULT_THREAD_WORKERS
 
     if watch and folder is None:
         raise InputError("--watch needs --folder FOLDER: name the folder to watch")

@@ -1,8 +1,9 @@
 """The served deployment on a REAL local Prefect server (`prefect server start`, SQLite, 127.0.0.1).
 
-Starts the server on a free loopback port with a temporary PREFECT_HOME, runs `forest-inventory serve` in a
-subprocess, triggers an inventory run through the API, checks its outputs, shuts everything down. Waits are
-bounded and poll; this test does not use the session harness.
+Starts the server on a free loopback port with a temporary PREFECT_HOME, runs `forest-inventory serve
+--watch --cron` in a subprocess, triggers an inventory run through the API, lets the folder watcher pick up
+the flight in the watched folder, checks both outputs, shuts everything down. Waits are bounded and poll;
+this test does not use the session harness.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def test_served_deployment_runs_on_a_real_local_server(tmp_path, tiny_models):
                PREFECT_UI_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
                PREFECT_RUNNER_POLL_FREQUENCY="1", HF_HUB_OFFLINE="1")
     bindir = Path(sys.executable).parent
-    folder, out = tmp_path / "flights", tmp_path / "out"
+    folder, elsewhere, out = tmp_path / "flights", tmp_path / "elsewhere", tmp_path / "out"
     folder.mkdir()
-    shutil.copy(SAMPLE_ORTHO, folder / "flight1.tif")
+    elsewhere.mkdir()
+    shutil.copy(SAMPLE_ORTHO, folder / "flight1.tif")  # picked up by the watcher
+    shutil.copy(SAMPLE_ORTHO, elsewhere / "flight2.tif")  # triggered through the API
 
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
     server = subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
@@ -91,7 +94,8 @@ def test_served_deployment_runs_on_a_real_local_server(tmp_path, tiny_models):
         print(f"server up in {time.monotonic() - t0:.1f} s")
         serve = subprocess.Popen(
             [str(bindir / "forest-inventory"), "serve", "--out", str(out), "--folder", str(folder),
-             "--cron", "0 2 * * *", "--crown-model", str(crown), "--species-model", str(species)],
+             "--cron", "0 2 * * *", "--watch", "--watch-interval", "1", "--crown-model", str(crown),
+             "--species-model", str(species)],
             env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
             cwd=tmp_path)
 
@@ -124,9 +128,14 @@ def test_served_deployment_runs_on_a_real_local_server(tmp_path, tiny_models):
             state = _wait(finished, RUN_S, "the triggered flow run", [(serve, serve_log)])
             assert state.is_completed(), state.message + "\n" + serve_log.read_text()[-3000:]
             print(f"triggered run completed {time.monotonic() - t0:.1f} s after the server start")
+            watched = out / "flight1" / "summary.json"
+            _wait(watched.is_file, RUN_S, "the watcher's run of flight1", [(serve, serve_log)])
+            watch_runs = [r for r in client.read_flow_runs() if "watch" in r.tags]
+            assert len(watch_runs) == 1, "the watcher creates one run per new flight, through the API"
 
         summary = json.loads((target / "summary.json").read_text())
-        assert summary, "empty summary"
+        assert summary["n_trees"] > 0
+        assert json.loads(watched.read_text())["n_trees"] == summary["n_trees"]  # same pixels
         assert (target / "crowns.geojson").is_file()
         geo = json.loads((target / "crowns.geojson").read_text())
         assert geo["type"] == "FeatureCollection"
