@@ -324,7 +324,8 @@ def batch_command(
     dask_address: str | None = typer.Option(None, "--dask-address",
                                             help="Existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
                                             "(default: a temporary local cluster)."),
-    workers: int = typer.Option(2, "--workers", min=1, help="Threads or local Dask workers."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Task threads or local Dask workers "
+                                       "(default: 2 on 4+ cores, else 1)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Inventory every orthomosaic in FOLDER as Prefect flows (embedded server: nothing to start).
@@ -369,7 +370,8 @@ def serve_command(
     species_model: Path | None = typer.Option(None, "--species-model", help="Species ONNX model."),
     task_runner: str = typer.Option("threads", "--task-runner", help="threads | dask"),
     dask_address: str | None = typer.Option(None, "--dask-address", help="Existing Dask scheduler."),
-    workers: int = typer.Option(2, "--workers", min=1, help="Threads or local Dask workers."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Task threads or local Dask workers "
+                                       "(default: 2 on 4+ cores, else 1)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Serve the inventory deployments on a running local Prefect server (`prefect server start`)."""
