@@ -198,9 +198,12 @@ def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray,
         colours = species_colours(species)
         names = sorted(colours)
         code = {n: i + 1 for i, n in enumerate(names)}
-        labels = rasterio.features.rasterize(
-            zip(crowns.geometry.to_numpy(), range(1, len(crowns) + 1), strict=True), out_shape=valid.shape,
-            transform=transform, fill=0, dtype="int32", all_touched=True)
+        labels = np.zeros(valid.shape, dtype=np.int32)
+        geoms = crowns.geometry.to_numpy()
+        for start in range(0, len(geoms), 2000):  # in chunks: GDAL's input is built as Python objects
+            part = geoms[start:start + 2000]
+            rasterio.features.rasterize(zip(part, range(start + 1, start + 1 + len(part)), strict=True),
+                                        out=labels, transform=transform, all_touched=True)
         edge = np.zeros(labels.shape, dtype=bool)  # a crown pixel next to another label is on its outline
         edge[1:] |= labels[1:] != labels[:-1]
         edge[:-1] |= labels[:-1] != labels[1:]
