@@ -94,7 +94,7 @@ def labelled_percentile(labels: np.ndarray, values: np.ndarray, n_labels: int,
 
 def crown_heights(crowns_gdf: gpd.GeoDataFrame, chm: str | os.PathLike | None = None,
                   dsm: str | os.PathLike | None = None, dtm: str | os.PathLike | None = None,
-                  chunk_m: float = 200.0) -> tuple[np.ndarray, str]:
+                  chunk_m: float = 100.0) -> tuple[np.ndarray, str]:
     """95th-percentile height (m) inside each crown, and the source (``chm``, ``dsm-dtm`` or ``none``).
 
     ``crowns_gdf`` must be in a metric projected CRS (the engine's working CRS). Crowns too small to cover a
