@@ -535,6 +535,7 @@ def tree_truth(trees: _Trees, size_m: float, origin: tuple[float, float], crs: s
     agb = agb_chave2014_eq4_kg(wd, dbh, trees.height_m)
     box = shapely.box(origin[0], origin[1] - size_m, origin[0] + size_m, origin[1])
     geom = shapely.intersection(polys, box)
+    visible = _visible_area_m2(geom, trees.height_m)
     return gpd.GeoDataFrame({
         "tree_id": np.arange(len(trees), dtype=np.int64),
         "species": names.astype(str),
@@ -545,8 +546,30 @@ def tree_truth(trees: _Trees, size_m: float, origin: tuple[float, float], crs: s
         "dbh_cm": np.asarray(dbh, dtype=float),
         "wood_density": wd,
         "agb_kg": np.asarray(agb, dtype=float),
+        "visible_area_m2": visible,
+        "visible_fraction": visible / np.maximum(area, 1e-9),
         "x": trees.x, "y": trees.y,
     }, geometry=geom, crs=crs)
+
+
+def _visible_area_m2(polys: np.ndarray, height_m: np.ndarray) -> np.ndarray:
+    """Area of each crown (clipped to the scene) not covered by a taller crown: what a camera overhead
+    sees, m². Shadows are not subtracted."""
+    import shapely
+
+    tree = shapely.STRtree(polys)
+    i, j = tree.query(polys, predicate="intersects")
+    taller = (i != j) & (height_m[j] > height_m[i])
+    i, j = i[taller], j[taller]
+    visible = shapely.area(polys).astype(float)
+    if len(i):
+        order = np.argsort(i, kind="stable")
+        i, j = i[order], j[order]
+        starts = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], len(i)], strict=True):
+            cover = shapely.union_all(polys[j[a:b]])
+            visible[i[a]] = shapely.area(shapely.difference(polys[i[a]], cover))
+    return visible
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -639,6 +662,7 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
         "agb_t_total": float(truth["agb_kg"].sum() / 1000.0),
         "agb_t_per_ha": float(truth["agb_kg"].sum() / 1000.0 / (size_m * size_m / 1e4)),
         "canopy_trees_per_ha": float(len(truth) / (size_m * size_m / 1e4)),
+        "mean_visible_fraction": float(truth["visible_fraction"].mean()) if len(truth) else 1.0,
         "light": {"sun_azimuth_deg": light.sun_azimuth_deg, "sun_elevation_deg": light.sun_elevation_deg},
         "allometry": "dbh_jucker2017_cm(height_m, crown_diameter_m, plant_group, biome) -> "
                      "agb_chave2014_eq4_kg(wood_density, dbh_cm, height_m)",

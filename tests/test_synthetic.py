@@ -70,6 +70,9 @@ def test_truth_agb_is_the_carbon_allometry(scene):
         assert t["wood_density"] == pytest.approx(wd)
         assert t["dbh_cm"] == pytest.approx(dbh, rel=1e-9)
         assert t["agb_kg"] == pytest.approx(float(agb_chave2014_eq4_kg(wd, dbh, t["height_m"])), rel=1e-9)
+    # visible part: never more than the outline; the tallest crown of an overlapping pair is fully visible
+    assert (truth["visible_area_m2"] <= truth["crown_area_m2"] + 1e-6).all()
+    assert truth["visible_fraction"].between(0, 1 + 1e-9).all() and (truth["visible_fraction"] < 0.99).any()
     # crown diameter is the area-equivalent diameter of the (unclipped) outline
     np.testing.assert_allclose(truth["crown_diameter_m"], 2 * np.sqrt(truth["crown_area_m2"] / np.pi))
 
