@@ -115,10 +115,10 @@ def test_served_deployment_runs_on_a_real_local_server(tmp_path, tiny_models):
                           [(serve, serve_log)])
             assert [s.schedule.cron for s in batch.schedules] == ["0 2 * * *"]
 
-            target = out / "flight1"
+            target = out / "flight2"
             options = {"crown_model": str(crown), "species_model": str(species)}
             run = client.create_flow_run_from_deployment(
-                inventory.id, parameters={"ortho": str(folder / "flight1.tif"), "out": str(target),
+                inventory.id, parameters={"ortho": str(elsewhere / "flight2.tif"), "out": str(target),
                                           "options": options})
 
             def finished():
