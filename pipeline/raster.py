@@ -206,14 +206,14 @@ class Ortho:
                              "is corrupt or the file truncated; copy or export it again")
 
     # -- reading -------------------------------------------------------------------------------------------
-    def _read_raw(self, window: Window, out_shape: tuple[int, int] | None = None
+    def _read_raw(self, window: Window, out_shape: tuple[int, int] | None = None, ds=None
                   ) -> tuple[np.ndarray, np.ndarray]:
+        ds = self._ds if ds is None else ds
         for attempt in range(READ_ATTEMPTS):
             try:
-                data = self._ds.read(self.bands, window=window, resampling=Resampling.nearest,
-                                     out_shape=None if out_shape is None else (3, *out_shape))
-                mask = self._ds.dataset_mask(window=window, out_shape=out_shape,
-                                             resampling=Resampling.nearest)
+                data = ds.read(self.bands, window=window, resampling=Resampling.nearest,
+                               out_shape=None if out_shape is None else (3, *out_shape))
+                mask = ds.dataset_mask(window=window, out_shape=out_shape, resampling=Resampling.nearest)
                 break
             except RasterioIOError as exc:
                 if attempt + 1 < READ_ATTEMPTS:
@@ -251,11 +251,18 @@ class Ortho:
         (bands [3, h, w] (uint8 when ``stretch``), valid [h, w], transform of the decimated grid)."""
         factor = max(1.0, max(self.width, self.height) / max_px)
         out_h, out_w = max(1, round(self.height / factor)), max(1, round(self.width / factor))
-        data, valid = self._read_raw(Window(0, 0, self.width, self.height), out_shape=(out_h, out_w))
+        transform = self.transform @ Affine.scale(self.width / out_w, self.height / out_h)
+        if self.warped:  # warp straight onto the coarse grid (decimating the full-resolution warp would
+            # cost a whole-image warp, ~10x the time of the decimated read, per call)
+            with WarpedVRT(self._src, src_crs=self.src_crs, crs=self.crs, transform=transform, width=out_w,
+                           height=out_h, resampling=Resampling.nearest,
+                           add_alpha=ColorInterp.alpha not in self._src.colorinterp) as coarse:
+                data, valid = self._read_raw(Window(0, 0, out_w, out_h), ds=coarse)
+        else:
+            data, valid = self._read_raw(Window(0, 0, self.width, self.height), out_shape=(out_h, out_w))
         if stretch:
             data = self.stretch.apply(data)
             data[:, ~valid] = 0
-        transform = self.transform @ Affine.scale(self.width / out_w, self.height / out_h)
         return data, valid, transform
 
     def window_transform(self, window: Window) -> Affine:
