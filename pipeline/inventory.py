@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -621,30 +622,33 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
             if progress:
                 progress("outputs", done, steps)
 
-        export.write_geojson(stage / "crowns.geojson", trees)
-        step()
-        export.write_csv(stage / "crowns.csv", trees)
-        step()
         ortho = plan.ortho()
-        export.write_crown_mask(stage / "crown_mask.tif", trees, plan.width, plan.height,
-                                ortho.transform, ortho.crs)
-        step()
-        rgb, valid, qt = ortho.read_decimated(2048)
-        export.write_quicklook(stage / "quicklook.png", rgb, valid, qt, ortho.crs, trees)
-        step()
-        summary["elapsed_s"] = time.time() - plan.started
-        summary["outputs"] = [n for n in OUTPUT_NAMES if n != "report.html"]
-        export.write_gpkg(stage / "inventory.gpkg", trees, grid, species_table, summary, plots=plots)
-        step()
-        try:
-            from pipeline.report import write_report
-        except ImportError:
-            write_report = None
-        if write_report is not None:
-            write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}),
-                         grid=info["grid"], carbon=result, cell_m=plan.config.cell_m)
-            summary["outputs"].append("report.html")
-        step()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crown-mask") as pool:
+            # the COG (GDAL work, mostly without the GIL) is written while the vector layers are
+            mask = pool.submit(export.write_crown_mask, stage / "crown_mask.tif", trees, plan.width,
+                               plan.height, ortho.transform, ortho.crs)
+            export.write_geojson(stage / "crowns.geojson", trees)
+            step()
+            export.write_csv(stage / "crowns.csv", trees)
+            step()
+            rgb, valid, qt = ortho.read_decimated(2048)
+            export.write_quicklook(stage / "quicklook.png", rgb, valid, qt, ortho.crs, trees)
+            step()
+            summary["elapsed_s"] = time.time() - plan.started
+            summary["outputs"] = [n for n in OUTPUT_NAMES if n != "report.html"]
+            export.write_gpkg(stage / "inventory.gpkg", trees, grid, species_table, summary, plots=plots)
+            step()
+            try:
+                from pipeline.report import write_report
+            except ImportError:
+                write_report = None
+            if write_report is not None:
+                write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}),
+                             grid=info["grid"], carbon=result, cell_m=plan.config.cell_m)
+                summary["outputs"].append("report.html")
+            step()
+            mask.result()
+            step()
         summary["elapsed_s"] = time.time() - plan.started
         export.write_summary_json(stage / "summary.json", summary)
         step()
