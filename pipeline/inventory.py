@@ -401,11 +401,14 @@ def add_attributes(plan: RunPlan, crowns: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     from pipeline.species import classify_crowns
 
     trees = crowns.copy()
-    species, species_prob, probs = classify_crowns(plan.species_model(), plan.ortho(), trees)
+    cfg = plan.config
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="heights") as pool:
+        # heights (own raster handles, GDAL warps) run alongside the species chips and model
+        heights = pool.submit(crown_heights, crowns, chm=cfg.chm, dsm=cfg.dsm, dtm=cfg.dtm)
+        species, species_prob, probs = classify_crowns(plan.species_model(), plan.ortho(), trees)
+        height_m, source = heights.result()
     trees["species"] = species
     trees["species_prob"] = species_prob
-    cfg = plan.config
-    height_m, source = crown_heights(trees, chm=cfg.chm, dsm=cfg.dsm, dtm=cfg.dtm)
     trees["height_m"] = height_m
     trees["height_source"] = np.where(np.isfinite(height_m), source, "none") if source != "none" else "none"
     trees.attrs["species_probs"] = probs
