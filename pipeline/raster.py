@@ -137,6 +137,8 @@ class Ortho:
                              "choose the colour bands, e.g. --bands 1,2,3")
         self.bands = tuple(int(b) for b in bands)
         self.dtype = src.dtypes[bands[0] - 1]
+        if crs and str(crs).strip().isdigit():
+            crs = f"EPSG:{str(crs).strip()}"  # --crs 32617 means EPSG:32617
         if crs:
             try:
                 self.src_crs = CRS.from_user_input(crs)

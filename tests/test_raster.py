@@ -81,6 +81,8 @@ def test_no_crs_error_and_override(tmp_path, write_geotiff, disc_scene):
         open_ortho(path)
     with open_ortho(path, crs="EPSG:32617") as ortho:
         assert ortho.crs.to_epsg() == 32617 and ortho.read(Window(0, 0, 64, 64))[1].all()
+    with open_ortho(path, crs="32617") as ortho:  # a bare EPSG code
+        assert ortho.crs.to_epsg() == 32617
     with pytest.raises(InputError, match="--crs"):
         open_ortho(path, crs="EPSG:notacode")
 
