@@ -185,6 +185,7 @@ def test_geographic_and_utm_give_the_same_areas(tmp_path, scene, write_geotiff, 
         assert plan.crs_name == "EPSG:32617" and len(crowns) == len(discs)
         areas[name] = crowns["crown_area_m2"].sum()
         plan.close()
+    print(f"crown area EPSG:4326 {areas['geo']:.2f} m2 vs UTM {areas['utm']:.2f} m2")
     assert areas["geo"] == pytest.approx(areas["utm"], rel=0.01)
 
 
