@@ -83,3 +83,11 @@ def test_static_int8_export(tmp_path):
     ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "ConvInteger" not in ops
     assert "quantization" in json.loads(read_metadata(int8)["compression"])
+
+
+def test_channel_softmax_equals_softmax():
+    from models.compression.compress import ChannelSoftmax
+
+    net = nn.Conv2d(3, 3, 1)
+    x = torch.randn(2, 3, 5, 5) * 20
+    torch.testing.assert_close(ChannelSoftmax(net)(x), torch.softmax(net(x), 1))

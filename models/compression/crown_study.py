@@ -44,6 +44,7 @@ class StudyConfig:
     calib_px: int = 128
     plan_px: int = 256
     round_to: int | None = 8
+    alds_k_max: int = 8
     threads: int = 2
     image: str = "sample_data/OSBS_029.tif"
     truth: str = "sample_data/OSBS_029.csv"
@@ -216,6 +217,15 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         }
         save_results(cfg.results, results)
         log(f"dense: F1 {results['dense']['f1']:.3f}")
+    fs_path = Path(cfg.out_dir) / "crowns-dense-fastsoftmax.onnx"
+    if "onnx_fast_softmax" not in results["dense"]:
+        from models.compression.compress import export_engine_onnx
+
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        export_engine_onnx(dense_net, fs_path, tile, dense_meta, fast_softmax=True)
+        results["dense"]["onnx_fast_softmax"] = str(fs_path)
+        results["dense"]["f1_fast_softmax"] = engine_f1(fs_path, cfg.image, truth, threads=cfg.threads)["f1"]
+        save_results(cfg.results, results)
     data = CrownData(train_cfg, cfg.finetune_batch)
     calib = data.calibration(cfg.calib_images, cfg.calib_px)
     total = trained_steps(cfg.checkpoint)
@@ -270,6 +280,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                     calibration=calib,
                     budget=cfg.budget,
                     round_to=cfg.round_to,
+                    alds_k_max=cfg.alds_k_max,
                 )
                 masks = res.details.get("masks") if method == "sipp" else None
                 ft = run_finetune(
@@ -348,10 +359,13 @@ def add_latency(cfg: StudyConfig, runs: int = 50, warmup: int = 10) -> dict:
     from bench.bench_models import bench
 
     results = load_results(cfg.results)
-    paths = [results["dense"]["onnx"]] + [r["onnx"] for r in results["runs"].values()]
+    fs = results["dense"].get("onnx_fast_softmax")
+    paths = [results["dense"]["onnx"]] + ([fs] if fs else []) + [r["onnx"] for r in results["runs"].values()]
     b = bench(paths, threads=cfg.threads, warmup=warmup, runs=runs)
     results["latency"] = {k: v for k, v in b.items() if k != "models"}
     results["dense"]["latency"] = b["models"][results["dense"]["onnx"]]
+    if fs:
+        results["dense"]["latency_fast_softmax"] = b["models"][fs]
     for r in results["runs"].values():
         r["latency"] = b["models"][r["onnx"]]
     save_results(cfg.results, results)
