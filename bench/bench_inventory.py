@@ -62,18 +62,20 @@ class _Timer:
         self.calls: dict[str, int] = {}
         self.hwm_mb: dict[str, float] = {}
 
-    def wrap(self, obj, attr: str, name: str, stage: bool = False) -> None:
+    def wrap(self, obj, attr: str, name, stage: bool = False) -> None:
+        """``name``: a string, or a function of the call's first argument (e.g. the model) giving one."""
         original = getattr(obj, attr)
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
+            key = name(args[0]) if callable(name) else name
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-                self.calls[name] = self.calls.get(name, 0) + 1
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+                self.calls[key] = self.calls.get(key, 0) + 1
                 if stage:
-                    self.hwm_mb[name] = _vm_hwm_mb()
+                    self.hwm_mb[key] = _vm_hwm_mb()
 
         setattr(obj, attr, timed)
 
@@ -90,7 +92,7 @@ def child(spec: dict) -> dict:
     timer = _Timer()
     for stage in STAGES:
         timer.wrap(inv, stage, stage, stage=True)
-    timer.wrap(OnnxModel, "run", "onnx_run")
+    timer.wrap(OnnxModel, "run", lambda model: f"onnx_run_{model.meta.task}")  # model threads: overlap
     timer.wrap(Ortho, "read", "tile_read")  # in the background reader thread: overlaps ONNX
     timer.wrap(inv, "extract_crowns", "extract_crowns")
     timer.wrap(inv, "_heights_for_tile", "chm_for_tiles")
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-runs", type=int, default=3, help="runs for areas >= 4 km²")
     ap.add_argument("--threads", type=int, default=None, help="ONNX threads (default: all cores)")
     ap.add_argument("--tiny", action="store_true", help="tiny test models instead of models/zoo")
+    ap.add_argument("--crown-model", default=None, help="crown ONNX model instead of models/zoo/crowns.onnx")
     ap.add_argument("--no-species", action="store_true", help="skip the species model")
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "bench_inventory.json"))
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = out.parent / "inventory_runs"
     work.mkdir(parents=True, exist_ok=True)
-    models = default_models(args.tiny, work)
+    models = {"crown_model": args.crown_model} if args.crown_model else default_models(args.tiny, work)
     if args.no_species:
         models["no_species"] = True
     areas = [float(a) for a in args.areas_km2.split(",")]
