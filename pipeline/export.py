@@ -88,8 +88,10 @@ def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int 
 def write_csv(path: str | os.PathLike, crowns: gpd.GeoDataFrame) -> Path:
     """One row per tree, no geometry; centroid as x/y (working CRS) and lon/lat (WGS84)."""
     df = pd.DataFrame(_clean_frame(crowns).drop(columns=crowns.geometry.name))
+    digits = {c: 8 if c in ("lon", "lat") else 3 if c in ("x", "y") else 6
+              for c in df.columns if pd.api.types.is_float_dtype(df[c])}
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
+        df.round(digits).to_csv(tmp, index=False)
     return Path(path)
 
 

@@ -69,6 +69,7 @@ def test_csv_one_row_per_tree(tmp_path, crowns):
     path = export.write_csv(tmp_path / "crowns.csv", crowns)
     df = pd.read_csv(path)
     assert len(df) == 3 and "geometry" not in df and df["tree_id"].tolist() == [1, 2, 3]
+    assert df["y"].tolist() == pytest.approx(crowns["y"].tolist(), abs=1e-3)  # full map coordinates
 
 
 def test_crown_mask_is_cog_with_labels(tmp_path, crowns):
