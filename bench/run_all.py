@@ -29,6 +29,9 @@ OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "RESULTS.md"
 ZOO = REPO / "models" / "zoo"
 BENCHES = ("inventory", "models", "montecarlo", "flow")
+RUN_ORDER = ("montecarlo", "flow", "models", "inventory")  # the long one last
+JSON_NAMES = {"inventory": "bench_inventory.json", "models": "bench_models.json",
+              "montecarlo": "bench_montecarlo.json", "flow": "flow_overhead.json"}
 
 
 def _crown_models() -> list[Path]:
@@ -46,6 +49,8 @@ def commands(args: argparse.Namespace) -> dict[str, list[str] | str]:
            "--large-runs", str(args.large_runs), "--out", str(OUT / "bench_inventory.json")]
     if args.tiny:
         inv.append("--tiny")
+    elif args.crown_model:
+        inv += ["--crown-model", args.crown_model]
     elif not (ZOO / "crowns.onnx").is_file():
         inv = "models/zoo/crowns.onnx is missing (train and export the default crown model first)"
     cmds["inventory"] = inv
@@ -55,7 +60,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str] | str]:
     cmds["montecarlo"] = [*py, "bench.bench_montecarlo", "--runs", "3", "--out",
                           str(OUT / "bench_montecarlo.json")]
     cmds["flow"] = [*py, "bench.bench_flow_overhead", "--repeats", "3", "--out",
-                    str(OUT / "bench_flow_overhead.json")]
+                    str(OUT / JSON_NAMES["flow"])]
     for name, module in (("models", "bench_models"), ("montecarlo", "bench_montecarlo"),
                          ("flow", "bench_flow_overhead"), ("inventory", "bench_inventory")):
         if not (REPO / "bench" / f"{module}.py").is_file():
@@ -84,7 +89,7 @@ def _short(cmd: list[str]) -> str:
 
 
 def _load(name: str) -> dict | None:
-    path = OUT / f"bench_{name if name != 'flow' else 'flow_overhead'}.json"
+    path = OUT / JSON_NAMES[name]
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -237,7 +242,7 @@ TITLES = {"inventory": "End-to-end inventory", "models": "Crown model latency",
           "montecarlo": "Carbon Monte Carlo", "flow": "Prefect flow overhead"}
 
 
-def render(cmds: dict, statuses: dict, load_start: tuple, load_end: tuple) -> str:
+def render(cmds: dict, statuses: dict, load_start: tuple, load_end: tuple, note: str | None = None) -> str:
     now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     start, end = (", ".join(f"{v:.1f}" for v in load) for load in (load_start, load_end))
     lines = ["# Benchmarks", "",
@@ -269,12 +274,16 @@ def render(cmds: dict, statuses: dict, load_start: tuple, load_end: tuple) -> st
                       "bench/out/.", ""]
         if status and status != "ok":
             lines += [f"(This run: {status}; the figures above are from the last successful run.)", ""]
+        if name == "inventory" and note:
+            lines += [f"Note: {note}", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma list of {', '.join(BENCHES)}")
+    ap.add_argument("--only", default=",".join(RUN_ORDER), help=f"comma list of {', '.join(BENCHES)}")
+    ap.add_argument("--crown-model", default=None, help="inventory with this crown model, not models/zoo")
+    ap.add_argument("--note", default=None, help="a paragraph added under the inventory results")
     ap.add_argument("--areas-km2", default="0.25,1,4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--large-runs", type=int, default=3, help="runs of the 4 km² scene")
@@ -304,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.atomic import atomic_path
 
     with atomic_path(RESULTS) as tmp:
-        tmp.write_text(render(cmds, statuses, load_start, os.getloadavg()))
+        tmp.write_text(render(cmds, statuses, load_start, os.getloadavg(), args.note))
     print(f"wrote {RESULTS.relative_to(REPO)}")
     return 0 if all(s["status"] == "ok" for s in statuses.values()) else 1
 
