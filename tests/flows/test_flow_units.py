@@ -90,18 +90,21 @@ def test_rasterio_read_errors_are_transient():
 
 
 def test_configure_isolates_prefect_home_and_respects_the_user(tmp_path, monkeypatch):
+    import prefect.context
+
     for key in settings.default_environment(tmp_path):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(settings, "_SET_BY_US", {})
+    # configure() refreshes Prefect's process-global settings; put them back afterwards
+    monkeypatch.setattr(prefect.context, "GLOBAL_SETTINGS_CONTEXT", prefect.context.GLOBAL_SETTINGS_CONTEXT)
     applied = settings.configure(tmp_path / "project")
     assert applied["PREFECT_HOME"] == str((tmp_path / "project" / ".prefect").resolve())
     assert Path(applied["PREFECT_HOME"]).is_dir()
     assert applied["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert int(applied["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 60
     assert applied["PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS"] == str(settings.DEFAULT_THREAD_WORKERS)
-    from prefect.settings import get_current_settings
-
-    assert get_current_settings().home == Path(applied["PREFECT_HOME"])
+    # Prefect's global settings now point there (a test harness, when active, overrides them per context)
+    assert prefect.context.GLOBAL_SETTINGS_CONTEXT.settings.home == Path(applied["PREFECT_HOME"])
     # a second project replaces our own values ...
     assert settings.configure(tmp_path / "other")["PREFECT_HOME"].endswith(os.path.join("other", ".prefect"))
     # ... but never a value the user set
@@ -111,12 +114,6 @@ def test_configure_isolates_prefect_home_and_respects_the_user(tmp_path, monkeyp
     assert applied["PREFECT_HOME"] == str(tmp_path / "mine")
     assert applied["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     assert settings.prefect_home_for(tmp_path / "project") == tmp_path / "mine"
-    monkeypatch.delenv("PREFECT_HOME")
-    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED")
-    settings.configure(None)
-    import prefect.context
-
-    prefect.context.refresh_global_settings_context()
 
 
 def test_task_runners_are_bounded_or_dask():
