@@ -1,0 +1,88 @@
+"""`forest-inventory compress` on a small crown checkpoint: budget met, record in the ONNX metadata."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("segmentation_models_pytorch")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from models.checkpoint import save_checkpoint  # noqa: E402
+from models.export import export_onnx, read_metadata  # noqa: E402
+from models.nets import SegNetConfig, build_crown_net  # noqa: E402
+from models.train_crowns import TrainCrownsConfig  # noqa: E402
+from pipeline.cli import app  # noqa: E402
+
+
+@pytest.fixture()
+def crown_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net_cfg = SegNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
+    cfg = TrainCrownsConfig(net=net_cfg.to_dict(), tile_size=64, iterations=10)
+    net = build_crown_net(net_cfg)
+    ck = save_checkpoint(
+        tmp_path / "last.pt",
+        {
+            "kind": "crowns",
+            "config": asdict(cfg),
+            "net": net_cfg.to_dict(),
+            "model": net.state_dict(),
+            "step": 10,
+        },
+    )
+    meta = {
+        "task": "crown_segmentation",
+        "class_names": ["background", "crown", "boundary"],
+        "gsd_m": 0.1,
+        "tile_size": 64,
+        "overlap_px": 16,
+        "bands": ["red", "green", "blue"],
+        "model_version": "tiny",
+        "postprocess": {},
+    }
+    ref = export_onnx(net, tmp_path / "dense.onnx", (3, 64, 64), meta)
+    return ck, ref
+
+
+def test_compress_command_writes_a_smaller_model_with_a_record(crown_checkpoint, tmp_path):
+    ck, ref = crown_checkpoint
+    out = tmp_path / "small.onnx"
+    res = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            "--model",
+            str(ck),
+            "--method",
+            "uniform",
+            "--target",
+            "0.6",
+            "--reference-onnx",
+            str(ref),
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    meta = read_metadata(out)
+    rec = json.loads(meta["compression"])
+    assert rec["method"] == "uniform" and abs(rec["macs_after"] / rec["macs_before"] - 0.4) <= 0.02
+    assert meta["model_version"] == "tiny+uniform60" and meta["task"] == "crown_segmentation"
+    assert out.stat().st_size < ref.stat().st_size
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--method", "foo", "--target", "0.5"], "unknown"),
+        (["--method", "l1", "--target", "1.5"], "between 0 and 1"),
+    ],
+)
+def test_compress_command_rejects_bad_input(crown_checkpoint, args, needle):
+    ck, ref = crown_checkpoint
+    res = CliRunner().invoke(app, ["compress", "--model", str(ck), "--reference-onnx", str(ref), *args])
+    assert res.exit_code == 2 and needle in res.output
