@@ -123,6 +123,8 @@ def label_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_ar
     fg = (p_fg >= fg_threshold) & valid
     px_m = _pixel_size_m(transform)
     min_dist_px = int(round(seed_min_distance_m / px_m))
+    if chm is not None and fg.any() and np.isfinite(chm[fg]).mean() < 0.5:
+        chm = None  # the CHM does not cover this tile's crowns: seed from the crown probabilities instead
     if chm is not None:
         markers = _markers_from_chm(chm, fg, min_dist_px, chm_min_height_m, chm_smooth_m / px_m)
         elevation = -np.where(np.isfinite(chm), chm, 0.0)

@@ -96,3 +96,10 @@ def test_postprocess_metadata_overrides():
         {"min_area_m2": 2.0, "fg_threshold": 0.4}
     with pytest.raises(InputError):
         postprocess_kwargs({"typo_threshold": 0.3})
+
+
+def test_chm_without_coverage_falls_back_to_probability_seeds():
+    probs = disc_probs((64, 64), [(20, 20, 10), (44, 44, 10)])
+    chm = np.full((64, 64), np.nan, np.float32)  # the CHM does not reach this tile
+    crowns = extract_crowns(probs, np.ones((64, 64), bool), ORIGIN, chm=chm)
+    assert len(crowns) == 2
