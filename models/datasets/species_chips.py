@@ -39,8 +39,9 @@ class SpeciesChips:
         return len(self.labels)
 
     def take(self, idx: np.ndarray) -> SpeciesChips:
-        return SpeciesChips(self.chips[idx], self.labels[idx], self.class_names, self.x[idx], self.y[idx],
-                            self.scene[idx])
+        return SpeciesChips(
+            self.chips[idx], self.labels[idx], self.class_names, self.x[idx], self.y[idx], self.scene[idx]
+        )
 
 
 def read_labelled_crowns(path: str | os.PathLike, species_column: str = "species") -> gpd.GeoDataFrame:
@@ -61,10 +62,15 @@ def read_labelled_crowns(path: str | os.PathLike, species_column: str = "species
     return gdf.reset_index(drop=True)
 
 
-def cut_species_chips(ortho_path: str | os.PathLike, crowns: gpd.GeoDataFrame,
-                      species_column: str = "species", chip_px: int = 64, chip_gsd_m: float = 0.2,
-                      class_names: Sequence[str] | None = None,
-                      scene_name: str | None = None) -> SpeciesChips:
+def cut_species_chips(
+    ortho_path: str | os.PathLike,
+    crowns: gpd.GeoDataFrame,
+    species_column: str = "species",
+    chip_px: int = 64,
+    chip_gsd_m: float = 0.2,
+    class_names: Sequence[str] | None = None,
+    scene_name: str | None = None,
+) -> SpeciesChips:
     """Chips of every crown whose species is in ``class_names`` (default: all species present, sorted)."""
     present = sorted(map(str, crowns[species_column].unique()))
     names = list(class_names) if class_names is not None else present
@@ -87,9 +93,14 @@ def concat_chips(parts: Sequence[SpeciesChips]) -> SpeciesChips:
     names = parts[0].class_names
     if any(p.class_names != names for p in parts):
         raise ValueError("chip sets with different class names cannot be joined")
-    return SpeciesChips(np.concatenate([p.chips for p in parts]), np.concatenate([p.labels for p in parts]),
-                        names, np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
-                        np.concatenate([p.scene for p in parts]))
+    return SpeciesChips(
+        np.concatenate([p.chips for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        names,
+        np.concatenate([p.x for p in parts]),
+        np.concatenate([p.y for p in parts]),
+        np.concatenate([p.scene for p in parts]),
+    )
 
 
 def synthetic_scene(work_dir: str | os.PathLike, seed: int, size_m: float, gsd_m: float = 0.1) -> Path:
@@ -106,9 +117,14 @@ def synthetic_scene(work_dir: str | os.PathLike, seed: int, size_m: float, gsd_m
     return folder
 
 
-def synthetic_species_chips(work_dir: str | os.PathLike, seeds: Sequence[int], size_m: float = 250.0,
-                            scene_gsd_m: float = 0.1, chip_px: int = 64, chip_gsd_m: float = 0.2
-                            ) -> SpeciesChips:
+def synthetic_species_chips(
+    work_dir: str | os.PathLike,
+    seeds: Sequence[int],
+    size_m: float = 250.0,
+    scene_gsd_m: float = 0.1,
+    chip_px: int = 64,
+    chip_gsd_m: float = 0.2,
+) -> SpeciesChips:
     """Chips from the truth crowns of synthetic scenes generated with ``seeds`` (cached as .npz)."""
     from pipeline.synthetic import SPECIES_NAMES
 
@@ -118,19 +134,35 @@ def synthetic_species_chips(work_dir: str | os.PathLike, seeds: Sequence[int], s
         cache = folder / f"chips_{chip_px}px_{chip_gsd_m:g}m.npz"
         if cache.exists():
             z = np.load(cache, allow_pickle=False)
-            parts.append(SpeciesChips(z["chips"], z["labels"], list(SPECIES_NAMES), z["x"], z["y"],
-                                      np.full(len(z["labels"]), f"seed{seed}", dtype=object)))
+            parts.append(
+                SpeciesChips(
+                    z["chips"],
+                    z["labels"],
+                    list(SPECIES_NAMES),
+                    z["x"],
+                    z["y"],
+                    np.full(len(z["labels"]), f"seed{seed}", dtype=object),
+                )
+            )
             continue
         truth = read_labelled_crowns(folder / "truth.gpkg")
-        part = cut_species_chips(folder / "ortho.tif", truth, "species", chip_px, chip_gsd_m,
-                                 class_names=SPECIES_NAMES, scene_name=f"seed{seed}")
+        part = cut_species_chips(
+            folder / "ortho.tif",
+            truth,
+            "species",
+            chip_px,
+            chip_gsd_m,
+            class_names=SPECIES_NAMES,
+            scene_name=f"seed{seed}",
+        )
         np.savez(cache, chips=part.chips, labels=part.labels, x=part.x, y=part.y)
         parts.append(part)
     return concat_chips(parts)
 
 
-def spatial_split(chips: SpeciesChips, block_m: float = 50.0, val_fraction: float = 0.2, seed: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def spatial_split(
+    chips: SpeciesChips, block_m: float = 50.0, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) indices by whole spatial blocks of ``block_m`` metres (per scene), not by chip."""
     bx = np.floor(chips.x / block_m).astype(np.int64)
     by = np.floor(chips.y / block_m).astype(np.int64)

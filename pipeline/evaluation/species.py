@@ -43,12 +43,17 @@ class SpeciesMetrics:
 
     def summary(self) -> dict[str, float]:
         """The short form stored in model metadata (``validation_metrics``)."""
-        return {"n": self.n, "accuracy": round(self.accuracy, 4), "macro_f1": round(self.macro_f1, 4),
-                "unknown_rate": round(self.unknown_rate, 4)}
+        return {
+            "n": self.n,
+            "accuracy": round(self.accuracy, 4),
+            "macro_f1": round(self.macro_f1, 4),
+            "unknown_rate": round(self.unknown_rate, 4),
+        }
 
 
-def species_metrics(truth: Sequence[str], pred: Sequence[str], classes: Sequence[str] | None = None
-                    ) -> SpeciesMetrics:
+def species_metrics(
+    truth: Sequence[str], pred: Sequence[str], classes: Sequence[str] | None = None
+) -> SpeciesMetrics:
     """Metrics of predicted vs reference species names (same order). ``classes`` defaults to the sorted
     reference and predicted names (without ``"unknown"``)."""
     truth = [str(t) for t in truth]
@@ -80,7 +85,8 @@ def species_metrics(truth: Sequence[str], pred: Sequence[str], classes: Sequence
         accuracy=float(tp.sum() / n) if n else 0.0,
         macro_f1=float(f1[present].mean()) if present.any() else 0.0,
         unknown_rate=float(cm[:, k].sum() / n) if n else 0.0,
-        classes=classes, columns=columns,
+        classes=classes,
+        columns=columns,
         precision={c: float(v) for c, v in zip(classes, precision, strict=True)},
         recall={c: float(v) for c, v in zip(classes, recall, strict=True)},
         f1={c: float(v) for c, v in zip(classes, f1, strict=True)},
@@ -91,22 +97,35 @@ def species_metrics(truth: Sequence[str], pred: Sequence[str], classes: Sequence
 
 def metrics_markdown(m: SpeciesMetrics, title: str = "Species classification") -> str:
     """A markdown report: headline figures, per-class table and the confusion matrix."""
-    lines = [f"### {title}", "",
-             f"n = {m.n}, accuracy = {m.accuracy:.3f}, macro-F1 = {m.macro_f1:.3f}, "
-             f"unknown = {m.unknown_rate:.1%}", "",
-             "| species | precision | recall | F1 | n |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"### {title}",
+        "",
+        f"n = {m.n}, accuracy = {m.accuracy:.3f}, macro-F1 = {m.macro_f1:.3f}, "
+        f"unknown = {m.unknown_rate:.1%}",
+        "",
+        "| species | precision | recall | F1 | n |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for c in m.classes:
         lines.append(f"| {c} | {m.precision[c]:.3f} | {m.recall[c]:.3f} | {m.f1[c]:.3f} | {m.support[c]} |")
-    lines += ["", "Confusion matrix (rows: reference, columns: predicted):", "",
-              "| reference \\ predicted | " + " | ".join(m.columns) + " |",
-              "|---|" + "---:|" * len(m.columns)]
+    lines += [
+        "",
+        "Confusion matrix (rows: reference, columns: predicted):",
+        "",
+        "| reference \\ predicted | " + " | ".join(m.columns) + " |",
+        "|---|" + "---:|" * len(m.columns),
+    ]
     for c, row in zip(m.classes, m.confusion, strict=True):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_species_report(m: SpeciesMetrics, json_path: str | os.PathLike,
-                         md_path: str | os.PathLike | None = None, extra: dict | None = None) -> None:
+def write_species_report(
+    m: SpeciesMetrics,
+    json_path: str | os.PathLike,
+    md_path: str | os.PathLike | None = None,
+    extra: dict | None = None,
+) -> None:
     """Write the metrics as JSON (plus ``extra`` keys, e.g. the command) and optionally as markdown."""
     payload = dict(extra or {})
     payload["species"] = m.to_dict()
