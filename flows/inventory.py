@@ -27,6 +27,7 @@ from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 
 from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner, task_runner_from_env
 from pipeline import inventory as stages
@@ -269,19 +270,22 @@ def inventory_flow(ortho: str, out: str, chm: str | None = None,
     storage = cache_dir(config.out_dir)
     opts = {"result_storage": storage}
 
+    # quote(): the plan, crowns and trees are large; Prefect would walk them looking for futures on every
+    # task call (measured ~5 ms per walk of a 144-tile plan). The stages run in this order anyway. Not for
+    # the mapped stage: a quoted value sent to a Dask worker arrives there still wrapped (a plain tuple).
     plan = validate_task.with_options(**opts)(config, run_key)
     infer = infer_group_task.with_options(**opts)
     futures = infer.map(unmapped(plan), list(range(len(plan.groups))), unmapped(run_key))
     group_paths = [f.result() for f in futures]
     for i, path in enumerate(group_paths):  # a cached group whose file was deleted: compute it again
         if not Path(path).exists():
-            group_paths[i] = infer.with_options(refresh_cache=True)(plan, i, run_key)
+            group_paths[i] = infer.with_options(refresh_cache=True)(quote(plan), i, run_key)
 
-    crowns = collect_task.with_options(**opts)(plan, group_paths, run_key)
-    trees = attributes_task.with_options(**opts)(plan, crowns, run_key)
-    result = carbon_task.with_options(**opts)(plan, trees, run_key)
+    crowns = collect_task.with_options(**opts)(quote(plan), group_paths, run_key)
+    trees = attributes_task.with_options(**opts)(quote(plan), quote(crowns), run_key)
+    result = carbon_task.with_options(**opts)(quote(plan), quote(trees), run_key)
     exports = exports_task.with_options(**opts, refresh_cache=not outputs_present(config.out_dir))
-    summary = exports(plan, result, run_key)
+    summary = exports(quote(plan), quote(result), run_key)
     plan.close()  # this thread's orthomosaic handle (worker threads' handles close with their threads)
     return summary_as_dict(summary)
 
