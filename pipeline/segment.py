@@ -19,6 +19,19 @@ from pipeline.tiling import Tile
 Batch = list[tuple[Tile, np.ndarray, np.ndarray]]
 
 
+def mirror_outside(rgb: np.ndarray, tile: Tile, width: int, height: int) -> np.ndarray:
+    """Fill the part of a tile that lies beyond the image edge with a mirror image of the inside, so the
+    model sees no artificial black border (crowns there are invalid anyway: ``valid`` stays False)."""
+    size_r, size_c = rgb.shape[1:]
+    r0, c0 = max(0, -int(tile.window.row_off)), max(0, -int(tile.window.col_off))
+    r1 = min(size_r, height - int(tile.window.row_off))
+    c1 = min(size_c, width - int(tile.window.col_off))
+    if (r0, c0, r1, c1) == (0, 0, size_r, size_c) or r1 <= r0 or c1 <= c0:
+        return rgb
+    inside = rgb[:, r0:r1, c0:c1]
+    return np.pad(inside, ((0, 0), (r0, size_r - r1), (c0, size_c - c1)), mode="symmetric")
+
+
 def _read_batches(ortho: Ortho, tiles: list[Tile], batch_size: int,
                   on_skip: Callable[[Tile], None] | None) -> Iterator[Batch]:
     batch: Batch = []
@@ -28,7 +41,7 @@ def _read_batches(ortho: Ortho, tiles: list[Tile], batch_size: int,
             if on_skip is not None:
                 on_skip(tile)
             continue
-        batch.append((tile, rgb, valid))
+        batch.append((tile, mirror_outside(rgb, tile, ortho.width, ortho.height), valid))
         if len(batch) == batch_size:
             yield batch
             batch = []

@@ -46,3 +46,15 @@ def test_small_image_is_one_tile_and_groups():
 def test_overlap_must_be_smaller_than_tile():
     with pytest.raises(ValueError):
         plan_tiles(100, 100, 64, 64)
+
+
+def test_tile_beyond_image_edge_is_mirrored_for_the_model():
+    from pipeline.segment import mirror_outside
+
+    tile = plan_tiles(6, 5, 8, 2)[0]
+    rgb = np.zeros((3, 8, 8), np.uint8)
+    rgb[:, :5, :6] = np.arange(30, dtype=np.uint8).reshape(5, 6) + 1
+    out = mirror_outside(rgb, tile, width=6, height=5)
+    assert (out[:, :5, :6] == rgb[:, :5, :6]).all()
+    assert (out[:, :5, 6] == rgb[:, :5, 5]).all() and (out[:, 5, :6] == rgb[:, 4, :6]).all()
+    assert out.min() > 0  # no black border left
