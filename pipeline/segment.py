@@ -1,5 +1,9 @@
 """Batched crown-model inference over tiles; fully masked tiles never reach the model.
 
+What the model sees: the tile's pixels, with the part beyond the image edge mirrored from the inside and
+masked pixels (nodata, alpha 0) given the nearest valid colour, so no artificial black borders create edge
+crowns; those pixels stay invalid for crown extraction.
+
 Tile reads run one batch ahead of inference in a background thread, and inference one batch ahead of the
 caller's post-processing (I/O, ONNX compute and crown extraction overlap); every tile is read by the one
 reader thread only, so no GDAL handle is used by two threads at once.
@@ -11,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from pipeline.onnx_model import OnnxModel
 from pipeline.raster import Ortho
@@ -32,6 +37,20 @@ def mirror_outside(rgb: np.ndarray, tile: Tile, width: int, height: int) -> np.n
     return np.pad(inside, ((0, 0), (r0, size_r - r1), (c0, size_c - c1)), mode="symmetric")
 
 
+def fill_masked(rgb: np.ndarray, valid: np.ndarray, tile: Tile, width: int, height: int) -> np.ndarray:
+    """Masked pixels inside the image (nodata, alpha 0) take the colour of the nearest valid pixel, so the
+    model sees no black holes or ragged black borders; they stay invalid for crown extraction."""
+    inside = np.zeros(valid.shape, dtype=bool)
+    inside[: max(0, height - int(tile.window.row_off)), : max(0, width - int(tile.window.col_off))] = True
+    holes = inside & ~valid
+    if not holes.any() or not valid.any():
+        return rgb
+    _, (rows, cols) = ndi.distance_transform_edt(~valid, return_indices=True)
+    out = rgb.copy()
+    out[:, holes] = rgb[:, rows[holes], cols[holes]]
+    return out
+
+
 def _read_batches(ortho: Ortho, tiles: list[Tile], batch_size: int,
                   on_skip: Callable[[Tile], None] | None) -> Iterator[Batch]:
     batch: Batch = []
@@ -41,7 +60,8 @@ def _read_batches(ortho: Ortho, tiles: list[Tile], batch_size: int,
             if on_skip is not None:
                 on_skip(tile)
             continue
-        batch.append((tile, mirror_outside(rgb, tile, ortho.width, ortho.height), valid))
+        batch.append((tile, fill_masked(mirror_outside(rgb, tile, ortho.width, ortho.height), valid, tile,
+                                        ortho.width, ortho.height), valid))
         if len(batch) == batch_size:
             yield batch
             batch = []

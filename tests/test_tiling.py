@@ -58,3 +58,15 @@ def test_tile_beyond_image_edge_is_mirrored_for_the_model():
     assert (out[:, :5, :6] == rgb[:, :5, :6]).all()
     assert (out[:, :5, 6] == rgb[:, :5, 5]).all() and (out[:, 5, :6] == rgb[:, 4, :6]).all()
     assert out.min() > 0  # no black border left
+
+
+def test_masked_pixels_take_the_nearest_valid_colour():
+    from pipeline.segment import fill_masked
+
+    tile = plan_tiles(8, 8, 8, 2)[0]
+    rgb = np.zeros((3, 8, 8), np.uint8)
+    rgb[:, :, 4:] = 200
+    valid = np.zeros((8, 8), bool)
+    valid[:, 4:] = True  # left half masked (alpha 0): black in the file
+    out = fill_masked(rgb, valid, tile, 8, 8)
+    assert (out == 200).all() and (rgb[:, :, :4] == 0).all()
