@@ -219,3 +219,25 @@ def quantize_static_qdq(
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
     root.setLevel(level)
     return out_path
+
+
+def measure_latency_ms(onnx_path: str | os.PathLike, threads: int = 2, runs: int = 20, batch: int = 1,
+                       warmup: int = 3, seed: int = 0) -> dict[str, float]:
+    """ONNX Runtime CPU latency per call on random uint8 tiles: median/p10/p90 in ms over ``runs`` calls."""
+    import time
+
+    sess = ort_session(onnx_path, threads=threads)
+    inp = sess.get_inputs()[0]
+    shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+    x = np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+    for _ in range(warmup):
+        sess.run(None, {inp.name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        times.append((time.perf_counter() - t) * 1000)
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"median_ms": float(np.median(times)), "p10_ms": float(np.percentile(times, 10)),
+            "p90_ms": float(np.percentile(times, 90)), "runs": runs, "threads": threads, "batch": batch,
+            "load_avg_1min": load1}

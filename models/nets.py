@@ -56,6 +56,8 @@ def build_segmentation_net(config: SegNetConfig) -> nn.Module:
         )
         _drop_unused_stages(net, config)
         return net
+    if config.arch == "fpn" and config.encoder_depth != 5:
+        raise ValueError("the FPN builder needs encoder_depth=5 (its head upsamples by a fixed 4x)")
     if config.arch == "fpn":
         width = int(config.decoder_channels[0]) if config.decoder_channels else 128
         net = smp.FPN(
