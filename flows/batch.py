@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow
 
 from flows.inventory import inventory_flow, outputs_present
-from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner
+from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner, share_api_with_workers
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
 
@@ -161,6 +161,7 @@ def run_batch(folder: str | Path, out: str | Path, options: dict[str, Any] | Non
     with contextlib.ExitStack() as stack:
         stack.enter_context(local_run())
         if task_runner == "dask" and not dask_address:
+            share_api_with_workers()  # before the workers are spawned: they inherit the environment
             dask_address = stack.enter_context(dask_cluster(workers))
         return batch_flow(folder=str(folder), out=str(out), options=options, force=force,
                           task_runner=task_runner, workers=workers, dask_address=dask_address)

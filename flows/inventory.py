@@ -294,9 +294,11 @@ def run_inventory_flow(ortho: str, out: str, chm: str | None = None, options: di
                        task_runner: str = "threads", workers: int = DEFAULT_THREAD_WORKERS,
                        dask_address: str | None = None) -> dict[str, Any]:
     """Run :func:`inventory_flow` in this process with the chosen task runner (``threads`` or ``dask``)."""
-    from flows.settings import local_run
+    from flows.settings import local_run, share_api_with_workers
 
     runner = make_task_runner(task_runner, workers=workers, dask_address=dask_address)
+    if task_runner == "dask" and not dask_address:
+        share_api_with_workers()  # the temporary cluster's workers inherit the environment
     with local_run():
         return inventory_flow.with_options(task_runner=runner)(ortho=str(ortho), out=str(out),
                                                                chm=str(chm) if chm else None, options=options)

@@ -160,3 +160,27 @@ def local_run() -> Iterator[None]:
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def share_api_with_workers() -> str:
+    """Put the API URL this process uses into ``os.environ``, so that worker processes it spawns (a local
+    Dask cluster) report to the same server instead of each starting an ephemeral server of its own.
+
+    Without ``PREFECT_API_URL`` this starts the ephemeral server now (what the first flow run would do).
+    Returns the URL.
+    """
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the process-wide instance the client would start
+        server.start(timeout=EPHEMERAL_STARTUP_TIMEOUT_S)
+        url = server.api_url
+    if os.environ.get("PREFECT_API_URL") != url:
+        os.environ["PREFECT_API_URL"] = url
+        import prefect.context
+
+        prefect.context.refresh_global_settings_context()
+    return url
