@@ -45,6 +45,7 @@ class StudyConfig:
     plan_px: int = 256
     round_to: int | None = 8
     alds_k_max: int = 8
+    tag: str = ""  # suffix of the run keys/files, e.g. "-ft100" for a longer fine-tune of the same method
     threads: int = 2
     image: str = "sample_data/OSBS_029.tif"
     truth: str = "sample_data/OSBS_029.csv"
@@ -234,7 +235,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     for ratio in cfg.ratios:
         for method in cfg.methods:
-            key = f"{method}@{ratio:g}"
+            key = f"{method}@{ratio:g}{cfg.tag}"
             if key in results["runs"]:
                 continue
             t0 = time.time()
@@ -299,17 +300,18 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             res.before = count_cost(dense_net, (3, tile, tile))
             res.after = count_cost(res.model, (3, tile, tile))
             res.input_shape = (3, tile, tile)
-            path = out_dir / f"crowns-{method}-{int(round(ratio * 100))}.onnx"
+            path = out_dir / f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}.onnx"
             meta = dict(dense_meta)
             meta["model_version"] = (
                 f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
             )
             record = export_compressed(res, path, tile, metadata=meta)
             ev = evaluate_onnx(path, cfg, shift_images, truth)
-            torch.save(res.model, out_dir / f"crowns-{method}-{int(round(ratio * 100))}.pt")
+            torch.save(res.model, out_dir / f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}.pt")
             results["runs"][key] = {
                 "method": method,
                 "ratio": ratio,
+                "tag": cfg.tag,
                 "onnx": str(path),
                 "record": record,
                 "params": res.after.params,
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", default=None, help="only quantize this finished run key, e.g. pfp@0.7")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2, help="torch/ORT threads")
+    ap.add_argument("--tag", default="", help="suffix of run keys and files (e.g. -ft100)")
     ap.add_argument("--shifts", default=",".join(SHIFTS), help="comma-separated shift names")
     a = ap.parse_args(argv)
     cfg = StudyConfig(
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         finetune_seconds=a.finetune_seconds,
         threads=a.threads,
         shifts=a.shifts.split(","),
+        tag=a.tag,
     )
     if a.latency:
         add_latency(cfg, runs=a.runs)

@@ -265,7 +265,7 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
             by_ratio = {
                 r["ratio"]: {"nominal": r["f1"], **r["f1_shift"]}
                 for r in runs.values()
-                if r["method"] == method and not r.get("quantized")
+                if r["method"] == method and not r.get("quantized") and not r.get("tag")
             }
             pp = prune_potential(by_ratio, dense_all)
             lines.append(
@@ -273,7 +273,11 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
             )
     lines += ["", "## Methods at equal budget", ""]
     for ratio in sorted({r["ratio"] for r in runs.values()}):
-        same = [(k, r) for k, r in runs.items() if r["ratio"] == ratio and not r.get("quantized")]
+        same = [
+            (k, r)
+            for k, r in runs.items()
+            if r["ratio"] == ratio and not r.get("quantized") and not r.get("tag")
+        ]
         same.sort(key=lambda kr: -kr[1]["f1"])
         lines.append(
             f"- ratio {ratio:g}: "
