@@ -356,20 +356,39 @@ def quantize_run(cfg: StudyConfig, key: str, n_tiles: int = 32) -> dict:
     return results["runs"][key + "+int8"]
 
 
-def add_latency(cfg: StudyConfig, runs: int = 50, warmup: int = 10) -> dict:
-    """Round-robin ONNX Runtime latency of the dense model and every run; stored in the results."""
+def add_latency(
+    cfg: StudyConfig,
+    runs: int = 50,
+    warmup: int = 10,
+    keys: list[str] | None = None,
+    skip_methods: tuple[str, ...] = (),
+) -> dict:
+    """Round-robin ONNX Runtime latency of the dense models and the runs ``keys`` (default: all runs not
+    measured yet, except ``skip_methods``), timed in ONE session so their ratios are comparable. Each run
+    keeps the dense latencies of its own session (``latency_session``) for its speed-up."""
     from bench.bench_models import bench
 
     results = load_results(cfg.results)
     fs = results["dense"].get("onnx_fast_softmax")
-    paths = [results["dense"]["onnx"]] + ([fs] if fs else []) + [r["onnx"] for r in results["runs"].values()]
+    if keys is None:
+        keys = [
+            k for k, r in results["runs"].items() if "latency" not in r and r["method"] not in skip_methods
+        ]
+    paths = [results["dense"]["onnx"]] + ([fs] if fs else []) + [results["runs"][k]["onnx"] for k in keys]
     b = bench(paths, threads=cfg.threads, warmup=warmup, runs=runs)
-    results["latency"] = {k: v for k, v in b.items() if k != "models"}
-    results["dense"]["latency"] = b["models"][results["dense"]["onnx"]]
+    session = {k: v for k, v in b.items() if k != "models"}
+    session["dense_ms"] = b["models"][results["dense"]["onnx"]]["median_ms"]
     if fs:
-        results["dense"]["latency_fast_softmax"] = b["models"][fs]
-    for r in results["runs"].values():
-        r["latency"] = b["models"][r["onnx"]]
+        session["dense_fast_softmax_ms"] = b["models"][fs]["median_ms"]
+    results.setdefault("latency_sessions", []).append(dict(session, runs_timed=keys))
+    results["latency"] = {k: v for k, v in session.items() if k != "runs_timed"}
+    if "latency" not in results["dense"]:
+        results["dense"]["latency"] = b["models"][results["dense"]["onnx"]]
+        if fs:
+            results["dense"]["latency_fast_softmax"] = b["models"][fs]
+    for k in keys:
+        results["runs"][k]["latency"] = b["models"][results["runs"][k]["onnx"]]
+        results["runs"][k]["latency_session"] = session
     save_results(cfg.results, results)
     return results
 
@@ -384,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-seconds", type=float, default=300.0)
     ap.add_argument("--results", default="models/zoo/compression_results.json")
     ap.add_argument("--out-dir", default="out/compression")
-    ap.add_argument("--latency", action="store_true", help="only (re)measure latency of finished runs")
+    ap.add_argument(
+        "--latency", action="store_true", help="only measure latency of finished, unmeasured runs"
+    )
+    ap.add_argument("--skip-latency-methods", default="sipp", help="methods not timed (sipp: dense shapes)")
     ap.add_argument("--quantize", default=None, help="only quantize this finished run key, e.g. pfp@0.7")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2, help="torch/ORT threads")
@@ -405,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         tag=a.tag,
     )
     if a.latency:
-        add_latency(cfg, runs=a.runs)
+        add_latency(cfg, runs=a.runs, skip_methods=tuple(m for m in a.skip_latency_methods.split(",") if m))
     elif a.quantize:
         print(json.dumps(quantize_run(cfg, a.quantize), indent=1))
     else:
