@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crown-model", default=None, help="crown ONNX model instead of models/zoo/crowns.onnx")
     ap.add_argument("--no-species", action="store_true", help="skip the species model")
     ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument("--label", default=None, help="heading of this run in RESULTS.md")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "bench_inventory.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -266,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    res = {"benchmark": "inventory_end_to_end", "gsd_m": 0.1, "cpu_count": os.cpu_count(),
+    res = {"benchmark": "inventory_end_to_end", "label": args.label, "gsd_m": 0.1,
+           "cpu_count": os.cpu_count(),
            "cores_available": affinity, "machine": platform.machine(), "python": platform.python_version(),
            "threads": args.threads or "all cores", "tiny_models": args.tiny, "species": not args.no_species,
            "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),

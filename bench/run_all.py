@@ -146,7 +146,7 @@ STAGE_LABELS = [
 def render_inventory(res: dict, cmd: str) -> list[str]:
     sizes = sorted(res["sizes"].values(), key=lambda s: s["area_km2"])
     chk, tg = res["checks"], res["targets"]
-    lines = ["## End-to-end inventory at 10 cm", "",
+    lines = [f"## End-to-end inventory at 10 cm{': ' + res['label'] if res.get('label') else ''}", "",
              f"`{cmd}`", "",
              f"Started {res['started_utc']} UTC; {res['cpu_count']} cores ({res['cores_available']} "
              f"available to the process); ONNX threads: {res['threads']}; models: "
@@ -276,6 +276,13 @@ def render(cmds: dict, statuses: dict, load_start: tuple, load_end: tuple, note:
             lines += [f"(This run: {status}; the figures above are from the last successful run.)", ""]
         if name == "inventory" and note:
             lines += [f"Note: {note}", ""]
+        if name == "inventory":  # further inventory runs (other models, sizes): bench_inventory_*.json
+            for extra in sorted(OUT.glob("bench_inventory_*.json")):
+                try:
+                    more = json.loads(extra.read_text())
+                    lines += render_inventory(more, more["command"].replace(str(REPO) + "/", ""))
+                except (OSError, KeyError, TypeError, ValueError) as exc:
+                    lines += [f"({extra.name} could not be rendered: {type(exc).__name__}: {exc})", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
