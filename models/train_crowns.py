@@ -69,6 +69,8 @@ class TrainCrownsConfig:
     interior_ratio: float = 0.7
     scale_jitter: float = 0.25
     colour_strength: float = 1.0
+    greyscale_p: float = 0.0  # share of chips turned grey before colour jitter
+    savanna_crown_jitter: float = 0.0  # per-pasted-crown colour gain spread
     class_weights: tuple[float, float, float] = (1.0, 1.0, 1.5)
     threads: int = 2
     checkpoint_every: int = 100
@@ -152,7 +154,8 @@ def make_batch(
     for _ in range(cfg.batch_size):
         scale = float(np.exp(rng.uniform(np.log(1 - cfg.scale_jitter), np.log(1 + cfg.scale_jitter))))
         if bank and rng.random() < cfg.savanna_fraction:
-            img, tgt = savanna_chip(rng, bank, cfg.chip_px, cfg.interior_ratio)
+            img, tgt = savanna_chip(rng, bank, cfg.chip_px, cfg.interior_ratio,
+                                   crown_jitter=cfg.savanna_crown_jitter)
         else:
             s = scenes[int(rng.choice(len(scenes), p=weights))]
             img, tgt = sample_chip(s, rng, cfg.chip_px, scale)
@@ -161,7 +164,7 @@ def make_batch(
     x = torch.from_numpy(np.stack(imgs)).float()
     y = torch.from_numpy(np.stack(tgts)).long()
     x, y = dihedral(x, y, gen)
-    x = colour_jitter(x, gen, cfg.colour_strength)
+    x = colour_jitter(x, gen, cfg.colour_strength, cfg.greyscale_p)
     x = blur(x, gen)
     return x, y
 
@@ -389,8 +392,8 @@ def score_cases(cases: list[ValCase], params: dict[str, float], gsd_m: float) ->
 PARAM_GRID = {
     "fg_threshold": (0.35, 0.5, 0.65),
     "interior_threshold": (0.3, 0.5, 0.7),
-    "seed_min_distance_m": (0.8, 1.2, 1.8),
-    "min_area_m2": (1.0, 2.5),
+    "seed_min_distance_m": (1.2, 1.8, 2.5),
+    "min_area_m2": (1.0, 2.5, 4.0),
 }
 
 

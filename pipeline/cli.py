@@ -182,6 +182,11 @@ def train_crowns_cmd(
     model_version: str = typer.Option("crowns-custom", "--model-version"),
     no_resume: bool = typer.Option(False, "--no-resume", help="ignore an existing checkpoint"),
     tta: bool = typer.Option(False, "--tta", help="flip/rotate test-time augmentation during validation"),
+    colour_strength: float = typer.Option(1.0, "--colour-strength",
+                                          help="colour-jitter strength (1 = default)"),
+    greyscale_p: float = typer.Option(0.0, "--greyscale-p", help="share of chips turned grey before jitter"),
+    savanna_crown_jitter: float = typer.Option(0.0, "--savanna-crown-jitter",
+                                               help="per-crown colour spread on the open-ground chips"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
@@ -190,7 +195,9 @@ def train_crowns_cmd(
     cfg = TrainCrownsConfig(boxes=list(boxes) if boxes else ([] if polygons else list(DEFAULT_ANNOTATIONS)),
                             polygons=list(polygons or []), polygon_images=list(polygon_image or []),
                             out_dir=out, iterations=iterations, batch_size=batch_size, seed=seed, gsd_m=gsd_m,
-                            image_gsd_m=image_gsd_m, threads=threads)
+                            image_gsd_m=image_gsd_m, threads=threads,
+                            colour_strength=colour_strength, greyscale_p=greyscale_p,
+                            savanna_crown_jitter=savanna_crown_jitter)
     result = run_training(cfg, export or f"{out}/crowns.onnx", model_version=model_version,
                           resume=not no_resume, tta=tta, log=typer.echo)
     typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")

@@ -26,9 +26,12 @@ def dihedral(
     return torch.stack(out_i), torch.stack(out_t)
 
 
-def colour_jitter(img: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def colour_jitter(
+    img: torch.Tensor, gen: torch.Generator, strength: float = 1.0, greyscale_p: float = 0.0
+) -> torch.Tensor:
     """Per-sample brightness, contrast, saturation, per-channel gain (white balance), gamma, hue rotation
-    and sensor noise on float images in [0, 255]; returns [0, 255] floats."""
+    and sensor noise on float images in [0, 255]; returns [0, 255] floats. ``greyscale_p``: share of samples
+    turned grey first (crowns must then be found by texture and shape, not colour)."""
     n = img.shape[0]
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -36,6 +39,9 @@ def colour_jitter(img: torch.Tensor, gen: torch.Generator, strength: float = 1.0
 
     s = strength
     x = img / 255.0
+    if greyscale_p > 0:
+        grey_mask = (torch.rand(n, generator=gen) < greyscale_p)[:, None, None, None]
+        x = torch.where(grey_mask, x.mean(dim=1, keepdim=True).expand_as(x), x)
     x = x * u(1 - 0.12 * s, 1 + 0.12 * s, 3, 1, 1)  # white balance
     grey = x.mean(dim=1, keepdim=True)
     x = grey + (x - grey) * u(1 - 0.45 * s, 1 + 0.45 * s, 1, 1, 1)  # saturation

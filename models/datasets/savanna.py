@@ -112,6 +112,7 @@ def savanna_chip(
     size: int = 256,
     interior_ratio: float = 0.7,
     max_crowns: int = 14,
+    crown_jitter: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic open-ground chip: rgb uint8 [3, size, size] and its 3-class target."""
     img = ground(rng, size)
@@ -124,6 +125,9 @@ def savanna_chip(
     for _ in range(n):
         cut = bank[int(rng.integers(len(bank)))]
         rgb, m = cut.rgb.astype(float), cut.mask
+        if crown_jitter > 0:  # each crown its own colour: crown colour must not be a cue
+            gain = rng.uniform(1 - 0.3 * crown_jitter, 1 + 0.6 * crown_jitter) * rng.uniform(0.85, 1.15, 3)
+            rgb = rgb * gain[:, None, None]
         k = int(rng.integers(4))
         rgb, m = np.rot90(rgb, k, axes=(1, 2)), np.rot90(m, k)
         if rng.random() < 0.5:
