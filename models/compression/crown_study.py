@@ -356,6 +356,34 @@ def quantize_run(cfg: StudyConfig, key: str, n_tiles: int = 32) -> dict:
     return results["runs"][key + "+int8"]
 
 
+def latency_path(results_path: str | Path) -> Path:
+    """Latency sessions live beside the results (``*.latency.json``) so that timing can run while the
+    study is still adding runs to the results file."""
+    p = Path(results_path)
+    return p.with_name(p.stem + ".latency.json")
+
+
+def merge_latency(results: dict, latency: dict) -> dict:
+    """Copy the latency sessions into the results: per run its latency and its session's dense times."""
+    results = copy.deepcopy(results)
+    sessions = latency.get("sessions", [])
+    results["latency_sessions"] = [{k: v for k, v in s.items() if k != "models"} for s in sessions]
+    for sess in sessions:
+        meta = {k: v for k, v in sess.items() if k not in ("models", "runs_timed")}
+        results["latency"] = meta
+        models = sess["models"]
+        dense = results["dense"]
+        if "latency" not in dense and dense["onnx"] in models:
+            dense["latency"] = models[dense["onnx"]]
+            if dense.get("onnx_fast_softmax") in models:
+                dense["latency_fast_softmax"] = models[dense["onnx_fast_softmax"]]
+        for key in sess.get("runs_timed", []):
+            if key in results["runs"]:
+                results["runs"][key]["latency"] = models[results["runs"][key]["onnx"]]
+                results["runs"][key]["latency_session"] = meta
+    return results
+
+
 def add_latency(
     cfg: StudyConfig,
     runs: int = 50,
@@ -363,34 +391,29 @@ def add_latency(
     keys: list[str] | None = None,
     skip_methods: tuple[str, ...] = (),
 ) -> dict:
-    """Round-robin ONNX Runtime latency of the dense models and the runs ``keys`` (default: all runs not
-    measured yet, except ``skip_methods``), timed in ONE session so their ratios are comparable. Each run
-    keeps the dense latencies of its own session (``latency_session``) for its speed-up."""
+    """Round-robin ONNX Runtime latency of the dense models and the runs ``keys`` (default: the finished
+    runs not timed yet, except ``skip_methods``), timed in ONE session so their ratios are comparable.
+    Appends the session to ``*.latency.json``; every run keeps its session's dense times for its speed-up."""
     from bench.bench_models import bench
 
     results = load_results(cfg.results)
+    lat_file = latency_path(cfg.results)
+    latency = json.loads(lat_file.read_text()) if lat_file.exists() else {"sessions": []}
+    timed = {k for s in latency["sessions"] for k in s.get("runs_timed", [])}
     fs = results["dense"].get("onnx_fast_softmax")
     if keys is None:
-        keys = [
-            k for k, r in results["runs"].items() if "latency" not in r and r["method"] not in skip_methods
-        ]
+        keys = [k for k, r in results["runs"].items() if k not in timed and r["method"] not in skip_methods]
     paths = [results["dense"]["onnx"]] + ([fs] if fs else []) + [results["runs"][k]["onnx"] for k in keys]
     b = bench(paths, threads=cfg.threads, warmup=warmup, runs=runs)
     session = {k: v for k, v in b.items() if k != "models"}
     session["dense_ms"] = b["models"][results["dense"]["onnx"]]["median_ms"]
     if fs:
         session["dense_fast_softmax_ms"] = b["models"][fs]["median_ms"]
-    results.setdefault("latency_sessions", []).append(dict(session, runs_timed=keys))
-    results["latency"] = {k: v for k, v in session.items() if k != "runs_timed"}
-    if "latency" not in results["dense"]:
-        results["dense"]["latency"] = b["models"][results["dense"]["onnx"]]
-        if fs:
-            results["dense"]["latency_fast_softmax"] = b["models"][fs]
-    for k in keys:
-        results["runs"][k]["latency"] = b["models"][results["runs"][k]["onnx"]]
-        results["runs"][k]["latency_session"] = session
-    save_results(cfg.results, results)
-    return results
+    session["runs_timed"] = keys
+    session["models"] = b["models"]
+    latency["sessions"].append(session)
+    save_results(lat_file, latency)
+    return merge_latency(results, latency)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -321,13 +321,21 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
 
 
 def write_report(results_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    from models.compression.crown_study import latency_path, merge_latency
+
     results = json.loads(Path(results_path).read_text())
+    lat = latency_path(results_path)
+    if lat.exists():
+        results = merge_latency(results, json.loads(lat.read_text()))
     out_dir = Path(out_dir)
     png = plot_f1_latency(results, out_dir / "compression_f1_latency.png")
     md_path = out_dir / "COMPRESSION.md"
     with atomic_path(md_path) as tmp:
         Path(tmp).write_text(markdown(results, png.name))
-    return {"markdown": md_path, "png": png, "json": Path(results_path)}
+    json_path = out_dir / "compression_results.json"
+    with atomic_path(json_path) as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=1, sort_keys=True))
+    return {"markdown": md_path, "png": png, "json": json_path}
 
 
 def main(argv: list[str] | None = None) -> int:
