@@ -25,6 +25,7 @@ from affine import Affine
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon, shape
 from skimage.feature import peak_local_max
+from skimage.morphology import remove_small_holes
 from skimage.segmentation import watershed
 
 from pipeline.errors import InputError
@@ -120,8 +121,10 @@ def label_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_ar
         raise ValueError(f"probs must be [3, h, w] (background, crown, boundary), got {probs.shape}")
     p_crown = probs[1].astype(np.float32, copy=False)
     p_fg = p_crown + probs[2].astype(np.float32, copy=False)
-    fg = (p_fg >= fg_threshold) & valid
     px_m = _pixel_size_m(transform)
+    # holes smaller than a crown (masked highlights, low-probability specks) belong to the crown around them
+    hole_px = max(1, int(min_area_m2 / (px_m * px_m)))
+    fg = remove_small_holes((p_fg >= fg_threshold) & valid, max_size=hole_px)
     min_dist_px = int(round(seed_min_distance_m / px_m))
     if chm is not None and fg.any() and np.isfinite(chm[fg]).mean() < 0.5:
         chm = None  # the CHM does not cover this tile's crowns: seed from the crown probabilities instead
@@ -129,7 +132,7 @@ def label_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_ar
         markers = _markers_from_chm(chm, fg, min_dist_px, chm_min_height_m, chm_smooth_m / px_m)
         elevation = -np.where(np.isfinite(chm), chm, 0.0)
     else:
-        interior = (p_crown >= interior_threshold) & fg
+        interior = remove_small_holes((p_crown >= interior_threshold) & fg, max_size=hole_px)
         distance = ndi.distance_transform_edt(interior).astype(np.float32)
         markers = _markers_from_interior(interior, distance, min_dist_px)
         elevation = -(distance + p_crown)
@@ -186,8 +189,10 @@ def extract_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_
     ids = [int(i) + 1 for i in np.flatnonzero(keep) if int(i) + 1 in polys]
     # drop the collinear staircase vertices (area-neutral at half a pixel): smaller, faster files
     tolerance = SIMPLIFY_PX * _pixel_size_m(transform)
-    simple = shapely.simplify(np.array([polys[t] for t in ids], dtype=object), tolerance,
-                              preserve_topology=True)
+    # a crown has no holes: masked pixels (e.g. saturated highlights equal to the nodata value) or a
+    # low-probability speck inside it are part of the crown
+    outlines = shapely.polygons(shapely.get_exterior_ring(np.array([polys[t] for t in ids], dtype=object)))
+    simple = shapely.simplify(outlines, tolerance, preserve_topology=True)
     out = []
     for tid, poly in zip(ids, simple, strict=True):
         x, y = transform @ (centres[tid - 1, 1], centres[tid - 1, 0])

@@ -103,3 +103,13 @@ def test_chm_without_coverage_falls_back_to_probability_seeds():
     chm = np.full((64, 64), np.nan, np.float32)  # the CHM does not reach this tile
     crowns = extract_crowns(probs, np.ones((64, 64), bool), ORIGIN, chm=chm)
     assert len(crowns) == 2
+
+
+def test_crowns_have_no_holes():
+    probs = disc_probs((64, 64), [(32, 32, 15)])
+    valid = np.ones((64, 64), bool)
+    valid[30:33, 30:33] = False  # a saturated highlight that equals the nodata value
+    probs[:, 36:38, 26:28] = np.array([1.0, 0.0, 0.0])[:, None, None]  # a low-probability speck
+    (crown,) = extract_crowns(probs, valid, ORIGIN)
+    assert len(crown.polygon.interiors) == 0
+    assert crown.polygon.area == pytest.approx(np.pi * 15 ** 2 * GSD ** 2, rel=0.05)
