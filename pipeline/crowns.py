@@ -214,3 +214,29 @@ def keep_in_core(candidates: list[CrownCandidate], tile: Tile, transform: Affine
         if c0 <= col < c1 and r0 <= row < r1:
             kept.append(cand)
     return kept
+
+
+def resolve_seam_overlaps(polygons: np.ndarray, tile_index: np.ndarray, areas: np.ndarray | None = None,
+                          min_overlap: float = 0.5) -> np.ndarray:
+    """Second half of the seam rule: neighbouring tiles see a crown near their shared core edge with
+    different context, so they may segment it differently (a crown whole in one tile, a fragment of it in
+    the next, each with its centroid in its own core). When two crowns from different tiles overlap by more
+    than ``min_overlap`` of the smaller one, the larger is kept. Returns the keep mask."""
+    n = len(polygons)
+    keep = np.ones(n, dtype=bool)
+    if n < 2:
+        return keep
+    areas = shapely.area(polygons) if areas is None else np.asarray(areas, dtype=float)
+    a, b = shapely.STRtree(polygons).query(polygons, predicate="intersects")
+    pair = (a < b) & (tile_index[a] != tile_index[b])
+    a, b = a[pair], b[pair]
+    if a.size == 0:
+        return keep
+    share = shapely.area(shapely.intersection(polygons[a], polygons[b])) / np.minimum(areas[a], areas[b])
+    for k in np.argsort(-share, kind="stable"):
+        if share[k] <= min_overlap:
+            break
+        i, j = int(a[k]), int(b[k])
+        if keep[i] and keep[j]:
+            keep[j if areas[j] < areas[i] else i] = False
+    return keep

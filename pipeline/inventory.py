@@ -30,7 +30,7 @@ import pyogrio
 import pipeline
 from pipeline.atomic import atomic_path
 from pipeline.crowns import DEFAULTS as CROWN_DEFAULTS
-from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs
+from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs, resolve_seam_overlaps
 from pipeline.errors import InputError
 from pipeline.onnx_model import CROWN_TASK, SPECIES_TASK, ModelMeta, OnnxModel
 from pipeline.raster import Ortho, Stretch, open_ortho
@@ -380,6 +380,8 @@ def collect_crowns(plan: RunPlan, group_paths: list[Path]) -> gpd.GeoDataFrame:
     frames = [f for f in frames if len(f)]
     crowns = pd.concat(frames, ignore_index=True) if frames else _empty_crowns(plan.crs)
     crowns = gpd.GeoDataFrame(crowns, geometry="geometry", crs=plan.crs)
+    if len(crowns):
+        crowns = crowns[resolve_seam_overlaps(crowns.geometry.to_numpy(), crowns["tile_index"].to_numpy())]
     crowns = crowns.sort_values(["tile_index", "centroid_y", "centroid_x"], ascending=[True, False, True],
                                 kind="stable").reset_index(drop=True)
     crowns.insert(0, "tree_id", np.arange(1, len(crowns) + 1, dtype=np.int64))

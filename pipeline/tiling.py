@@ -4,6 +4,9 @@ Seam rule: a crown is kept only by the tile whose core contains its centroid (pi
 working grid, pixel (r, c) spanning [c, c+1) x [r, r+1)). Interior cores have a margin of at least
 overlap_px // 2 px on every side of their window, so with overlap_px >= the largest crown diameter a crown
 whose centroid lies in a core lies wholly inside that tile's window, and every crown comes out exactly once.
+Neighbouring tiles can still segment a crown near their shared core edge differently (e.g. whole in one
+tile, a fragment in the other, centroids in different cores): ``pipeline.crowns.resolve_seam_overlaps``
+then keeps the larger of two crowns from different tiles that overlap by more than half the smaller one.
 """
 
 from __future__ import annotations

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from pipeline.crowns import extract_crowns, keep_in_core, label_crowns, postprocess_kwargs
+from pipeline.crowns import (
+    extract_crowns,
+    keep_in_core,
+    label_crowns,
+    postprocess_kwargs,
+    resolve_seam_overlaps,
+)
 from pipeline.errors import InputError
 from pipeline.tiling import plan_tiles
 
@@ -113,3 +119,15 @@ def test_crowns_have_no_holes():
     (crown,) = extract_crowns(probs, valid, ORIGIN)
     assert len(crown.polygon.interiors) == 0
     assert crown.polygon.area == pytest.approx(np.pi * 15 ** 2 * GSD ** 2, rel=0.05)
+
+
+def test_seam_duplicates_from_neighbouring_tiles_are_resolved():
+    from shapely.geometry import Point
+
+    whole = Point(0, 0).buffer(3.0)  # tile 0 saw the whole crown
+    fragment = Point(1.5, 0).buffer(1.2)  # tile 1 saw a fragment of it (centroid in its own core)
+    neighbour = Point(6.5, 0).buffer(3.0)  # touching crown from tile 1: small overlap, kept
+    same_tile = Point(0.5, 0).buffer(1.0)  # same tile: the watershed already separated them, kept
+    polys = np.array([whole, fragment, neighbour, same_tile], dtype=object)
+    keep = resolve_seam_overlaps(polys, np.array([0, 1, 1, 0]))
+    assert keep.tolist() == [True, False, True, True]
