@@ -23,7 +23,7 @@ from torch import nn
 
 from models.compression.compress import compress, export_compressed
 from models.compression.finetune import finetune, rewound_schedule
-from models.compression.robustness import SHIFTS, engine_f1, truth_polygons, write_shifted
+from models.compression.robustness import SHIFTS, truth_polygons, write_shifted
 from pipeline.atomic import atomic_path
 
 
@@ -167,19 +167,55 @@ def validation_score(net: nn.Module, data: CrownData, train_cfg, postprocess: di
     return float(np.mean(f1s)) if f1s else 0.0
 
 
-def evaluate_onnx(path: str | Path, cfg: StudyConfig, shift_images: dict[str, Path], truth: list) -> dict:
-    nominal = engine_f1(path, cfg.image, truth, threads=cfg.threads)
-    shifts = {s: engine_f1(path, img, truth, threads=cfg.threads)["f1"] for s, img in shift_images.items()}
+def official_f1(onnx_path: str | Path, image: str | Path, truth_csv: str | Path, threads: int = 2) -> dict:
+    """F1@0.4 as ``forest-inventory evaluate`` computes it (engine path, envelopes vs reference boxes)."""
+    import tempfile
+
+    from pipeline.evaluation.run import evaluate_crowns_on_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = evaluate_crowns_on_image(image, truth_csv, tmp, crown_model=onnx_path, threads=threads)
+    m = r["scores"][r["headline"]]
+    t = m["thresholds"]["0.4"]
+    return {"f1": t["f1"], "precision": t["precision"], "recall": t["recall"], "n_pred": m["n_pred"]}
+
+
+def evaluate_onnx(
+    path: str | Path, cfg: StudyConfig, shift_images: dict[str, tuple[Path, Path]], truth: list | None = None
+) -> dict:
+    """Nominal and per-shift F1@0.4 on OSBS_029 through ``forest-inventory evaluate``'s code path."""
+    nominal = official_f1(path, cfg.image, cfg.truth, threads=cfg.threads)
+    shifts = {
+        s: official_f1(path, img, csv, threads=cfg.threads)["f1"] for s, (img, csv) in shift_images.items()
+    }
     return {
         "f1": nominal["f1"],
         "precision": nominal["precision"],
         "recall": nominal["recall"],
         "n_pred": nominal["n_pred"],
         "f1_shift": shifts,
+        "evaluator": "pipeline.evaluation.run.evaluate_crowns_on_image (forest-inventory evaluate, box)",
     }
 
 
-def prepare_shift_images(cfg: StudyConfig) -> dict[str, Path]:
+def _shift_truth_csv(truth_csv: str | Path, src: str | Path, shifted: Path, dst: Path) -> Path:
+    """The reference boxes in the pixel grid of the shifted image (scaled for GSD shifts)."""
+    import pandas as pd
+    import rasterio
+
+    with rasterio.open(src) as a, rasterio.open(shifted) as b:
+        sx, sy = b.width / a.width, b.height / a.height
+    df = pd.read_csv(truth_csv)
+    df["image_path"] = shifted.name
+    for col, f in (("xmin", sx), ("xmax", sx), ("ymin", sy), ("ymax", sy)):
+        df[col] = (df[col] * f).round(2)
+    with atomic_path(dst) as tmp:
+        df.to_csv(tmp, index=False)
+    return dst
+
+
+def prepare_shift_images(cfg: StudyConfig) -> dict[str, tuple[Path, Path]]:
+    """Shifted copies of the evaluation image and their reference CSVs (written once)."""
     d = Path(cfg.out_dir) / "shifts"
     d.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -187,7 +223,10 @@ def prepare_shift_images(cfg: StudyConfig) -> dict[str, Path]:
         p = d / f"{Path(cfg.image).stem}_{s}.tif"
         if not p.exists():
             write_shifted(cfg.image, s, p)
-        out[s] = p
+        csv = p.with_suffix(".csv")
+        if not csv.exists():
+            _shift_truth_csv(cfg.truth, cfg.image, p, csv)
+        out[s] = (p, csv)
     return out
 
 
@@ -225,7 +264,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         export_engine_onnx(dense_net, fs_path, tile, dense_meta, fast_softmax=True)
         results["dense"]["onnx_fast_softmax"] = str(fs_path)
-        results["dense"]["f1_fast_softmax"] = engine_f1(fs_path, cfg.image, truth, threads=cfg.threads)["f1"]
+        results["dense"]["f1_fast_softmax"] = official_f1(fs_path, cfg.image, cfg.truth, threads=cfg.threads)[
+            "f1"
+        ]
         save_results(cfg.results, results)
     data = CrownData(train_cfg, cfg.finetune_batch)
     calib = data.calibration(cfg.calib_images, cfg.calib_px)
@@ -356,6 +397,25 @@ def quantize_run(cfg: StudyConfig, key: str, n_tiles: int = 32) -> dict:
     return results["runs"][key + "+int8"]
 
 
+def reevaluate(cfg: StudyConfig, log=print) -> dict:
+    """Recompute every F1 (dense, dense channel-softmax, all runs) with the official evaluator."""
+    results = load_results(cfg.results)
+    shift_images = prepare_shift_images(cfg)
+    d = results["dense"]
+    d.update(evaluate_onnx(d["onnx"], cfg, shift_images))
+    if d.get("onnx_fast_softmax"):
+        d["f1_fast_softmax"] = official_f1(d["onnx_fast_softmax"], cfg.image, cfg.truth, cfg.threads)["f1"]
+    save_results(cfg.results, results)
+    log(f"dense: F1 {d['f1']:.3f}")
+    for key, r in results["runs"].items():
+        if r.get("evaluator", "").startswith("pipeline.evaluation.run"):
+            continue
+        r.update(evaluate_onnx(r["onnx"], cfg, shift_images))
+        save_results(cfg.results, results)
+        log(f"{key}: F1 {r['f1']:.3f}")
+    return results
+
+
 def latency_path(results_path: str | Path) -> Path:
     """Latency sessions live beside the results (``*.latency.json``) so that timing can run while the
     study is still adding runs to the results file."""
@@ -449,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         shifts=a.shifts.split(","),
         tag=a.tag,
     )
-    if a.latency:
+    if a.reevaluate:
+        reevaluate(cfg)
+    elif a.latency:
         add_latency(cfg, runs=a.runs, skip_methods=tuple(m for m in a.skip_latency_methods.split(",") if m))
     elif a.quantize:
         print(json.dumps(quantize_run(cfg, a.quantize), indent=1))
