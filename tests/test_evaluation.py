@@ -68,3 +68,37 @@ def test_json_and_markdown_written(tmp_path):
     md = mp.read_text()
     assert "| 0.4 | 1 | 0 | 0 | 1.000 | 1.000 | 1.000 |" in md
     assert "| 0.4 |" in metrics_markdown(m)
+
+
+def test_evaluate_runs_the_engine_on_a_disc_scene(tmp_path, write_geotiff, disc_scene):
+    """End to end: GeoTIFF + boxes CSV -> engine crowns -> metrics; boxes and GeoPackage truth agree."""
+    import geopandas as gpd
+    from affine import Affine
+
+    from models.datasets.boxes import boxes_to_polygons, read_boxes
+    from pipeline.evaluation.run import evaluate_crowns_on_image
+    from tests.tiny_models import write_crown_model
+
+    discs = [(30, 30, 12), (30, 90, 10), (90, 40, 14), (95, 100, 11)]
+    transform = Affine(0.1, 0, 400000, 0, -0.1, 3000000)
+    write_geotiff(tmp_path / "o.tif", disc_scene(128, discs), transform, "EPSG:32617")
+    rows = ["image_path,xmin,ymin,xmax,ymax,label"]
+    rows += [f"o.tif,{c - r},{rr - r},{c + r},{rr + r},Tree" for rr, c, r in discs]
+    rows.append("o.tif,2,110,14,122,Tree")  # a reference crown with no disc: one false negative
+    (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
+    model = write_crown_model(tmp_path / "m.onnx", tile_size=128, overlap_px=48,
+                              postprocess={"min_area_m2": 0.5, "seed_min_distance_m": 1.5})
+    res = evaluate_crowns_on_image(tmp_path / "o.tif", tmp_path / "truth.csv", tmp_path / "eval",
+                                   crown_model=model, threads=1)
+    box = res["scores"]["box"]["thresholds"]["0.4"]
+    assert box["tp"] == 4 and box["fn"] == 1 and box["fp"] == 0
+    assert res["f1_iou0.4"] == pytest.approx(2 * 1.0 * 0.8 / 1.8)
+    assert (tmp_path / "eval" / "crown_metrics.json").exists()
+    assert (tmp_path / "eval" / "crown_metrics.md").exists()
+    # the same references as polygons (inscribed ellipses in map coordinates) give the ellipse score
+    ell = boxes_to_polygons(read_boxes(tmp_path / "truth.csv")[0].boxes, transform=transform)
+    gpd.GeoDataFrame(geometry=ell, crs="EPSG:32617").to_file(tmp_path / "truth.gpkg")
+    res2 = evaluate_crowns_on_image(tmp_path / "o.tif", tmp_path / "truth.gpkg", tmp_path / "eval2",
+                                    crown_model=model, threads=1)
+    assert res2["headline"] == "polygon"
+    assert res2["scores"]["polygon"]["thresholds"]["0.4"] == res["scores"]["ellipse"]["thresholds"]["0.4"]
