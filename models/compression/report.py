@@ -178,13 +178,13 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
         "- **Fine-tune**: after compression, LR rewinding on the crown model's own training data (never "
         "OSBS): "
         "the last N steps of the original cosine schedule are replayed.",
-        "- **F1**: F1 at IoU 0.4 on OSBS_029 (61 reference crowns; cross-site, never used for training) "
-        "through "
-        "the engine's stages (open_ortho, plan_tiles, predict_tiles, extract_crowns with the model's "
-        "postprocess "
-        "thresholds, seam rule). With 61 crowns one crown is about 1.6 F1 points, so differences below ~2 "
-        "points "
-        "are within the noise of this single image.",
+        "- **F1**: F1 at IoU 0.4 on OSBS_029 (61 reference boxes; cross-site, never used for training or "
+        "tuning), computed by `forest-inventory evaluate`'s code path "
+        "(`pipeline.evaluation.run.evaluate_crowns_on_image`: the engine's validate / infer_group / "
+        "collect_crowns, predicted crown envelopes vs reference boxes, Hungarian matching) with the dense "
+        "model's postprocess thresholds. Shifted images are scored against the same boxes in their own pixel "
+        "grid. With 61 crowns one crown is about 1.6 F1 points: differences below ~2 points are noise on "
+        "this single image.",
         "- **Validation F1**: F1@0.4 on the crown model's own held-out validation blocks (`real`, YELL + "
         "SOAP) and open-ground chips built from held-out crowns (`open`), with the dense model's postprocess "
         "thresholds (`models.train_crowns.validation_cases` / `score_cases`, the model card's numbers).",
