@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-seconds", type=float, default=300.0)
     ap.add_argument("--results", default="models/zoo/compression_results.json")
     ap.add_argument("--out-dir", default="out/compression")
+    ap.add_argument("--reevaluate", action="store_true", help="only recompute F1 with the official evaluator")
     ap.add_argument(
         "--latency", action="store_true", help="only measure latency of finished, unmeasured runs"
     )
