@@ -17,8 +17,10 @@ import typer
 
 from pipeline.errors import InputError, InventoryError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drone orthomosaics to forest-carbon inventories.")
-train_app = typer.Typer(no_args_is_help=True, help="Train the crown or species model (needs the train extra).")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Drone orthomosaics to forest-carbon inventories.")
+train_app = typer.Typer(no_args_is_help=True,
+                        help="Train the crown or species model (needs the train extra).")
 app.add_typer(train_app, name="train")
 
 
@@ -53,8 +55,8 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - the CLI boundary
             if debug:
                 raise
-            typer.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                       err=True)
+            typer.echo(f"error: internal error: {type(exc).__name__}: {exc} "
+                       "(rerun with --debug for the traceback)", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -65,9 +67,11 @@ def parse_bands(text: str) -> tuple[int, ...]:
     try:
         bands = tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise InputError(f"--bands {text!r} is not a comma-separated list of band numbers: use e.g. --bands 1,2,3") from None
+        raise InputError(f"--bands {text!r} is not a comma-separated list of band numbers: "
+                         "use e.g. --bands 1,2,3") from None
     if len(bands) != 3 or min(bands) < 1:
-        raise InputError(f"--bands {text!r} must name three 1-based bands (red,green,blue), e.g. --bands 1,2,3")
+        raise InputError(f"--bands {text!r} must name three 1-based bands (red,green,blue), "
+                         "e.g. --bands 1,2,3")
     return bands
 
 
