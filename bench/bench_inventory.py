@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                        "rss_growth_pct": TARGET_RSS_GROWTH_PCT,
                        "time_ratio_4_to_1": TARGET_TIME_RATIO_4_TO_1},
            "sizes": sizes, "checks": checks(sizes),
-           "command": " ".join(["python -m bench.bench_inventory", *given])}
+           "command": shlex.join(["python", "-m", "bench.bench_inventory", *given])}
     from pipeline.atomic import atomic_path
 
     with atomic_path(out) as tmp:
