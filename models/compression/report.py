@@ -318,19 +318,28 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
             lines.append(
                 f"| {method} | {pp['nominal']:g} | " + " | ".join(f"{pp[s]:g}" for s in shifts) + " |"
             )
-    lines += ["", "## Methods at equal budget", ""]
-    for ratio in sorted({r["ratio"] for r in runs.values()}):
+    lines += [
+        "",
+        "## Methods at equal budget",
+        "",
+        "Same MAC budget; runs with the same tag share the same fine-tune recipe (an untagged run's "
+        "fine-tune was capped in seconds, so its step count depended on the machine's load; `-ft100` runs "
+        "all had exactly 100 steps). OSBS F1, speed-up, and held-out validation F1 (real / open):",
+        "",
+    ]
+    for ratio, tag in sorted({(r["ratio"], r.get("tag") or "") for r in runs.values()}):
         same = [
             (k, r)
             for k, r in runs.items()
-            if r["ratio"] == ratio and not r.get("quantized") and not r.get("tag")
+            if r["ratio"] == ratio and not r.get("quantized") and (r.get("tag") or "") == tag
         ]
-        same.sort(key=lambda kr: -kr[1]["f1"])
+        same.sort(key=lambda kr: -(val_f1(kr[1]) if val_f1(kr[1]) is not None else kr[1]["f1"]))
         lines.append(
-            f"- ratio {ratio:g}: "
-            + ", ".join(
+            f"- ratio {ratio:g}{' ' + tag if tag else ''}: "
+            + "; ".join(
                 f"{k.split('@')[0]} F1 {r['f1']:.3f}"
-                + (f" ({speedup(r, dense):.2f}x)" if speedup(r, dense) else "")
+                + (f", {speedup(r, dense):.2f}x" if speedup(r, dense) else "")
+                + (f", val {_val_cell(r)}" if r.get("validation") else "")
                 for k, r in same
             )
         )
