@@ -90,7 +90,8 @@ def run_cmd(
     species_model: str = typer.Option(None, "--species-model",
                                       help="Species ONNX model [models/zoo/species.onnx when present]."),
     no_species: bool = typer.Option(False, "--no-species", help="Skip species: every tree is 'unknown'."),
-    bands: str = typer.Option("1,2,3", "--bands", help="1-based red,green,blue band numbers."),
+    bands: str | None = typer.Option(None, "--bands", help="1-based red,green,blue band numbers "
+                                      "[default: RGB-tagged bands, or 1,2,3]."),
     crs: str = typer.Option(None, "--crs", help="CRS for an input without one, e.g. EPSG:32617."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads [all cores]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the carbon Monte Carlo."),
@@ -107,7 +108,8 @@ def run_cmd(
 
     config = InventoryConfig(ortho=ortho, out_dir=out, chm=chm, dtm=dtm, dsm=dsm, crown_model=crown_model,
                              species_model=species_model, use_species_model=not no_species,
-                             bands=parse_bands(bands), crs=crs, threads=threads, seed=seed, plots=plots,
+                             bands=parse_bands(bands) if bands else None, crs=crs, threads=threads,
+                             seed=seed, plots=plots,
                              batch_size=batch_size)
     console = Console(stderr=True)
     labels = {"tiles": "segmenting tiles", "attributes": "species and height",
@@ -217,14 +219,14 @@ def evaluate_cmd(
     crown_model: str = typer.Option(None, "--crown-model",
                                     help="ONNX crown model (default models/zoo/crowns.onnx)"),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads (default: all cores)"),
-    bands: str = typer.Option("1,2,3", "--bands", help="red,green,blue band numbers"),
+    bands: str | None = typer.Option(None, "--bands", help="red,green,blue band numbers [default: auto]"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Crown precision/recall/F1 at IoU 0.4 and 0.5 (Hungarian matching), area error and pixel IoU."""
     from pipeline.evaluation.run import evaluate_crowns_on_image
 
     res = evaluate_crowns_on_image(image, truth, out, crown_model=crown_model, threads=threads,
-                                   bands=parse_bands(bands))
+                                   bands=parse_bands(bands) if bands else None)
     head = res["scores"][res["headline"]]
     t4, t5 = head["thresholds"]["0.4"], head["thresholds"]["0.5"]
     typer.echo(f"{head['n_pred']} predicted / {head['n_truth']} reference crowns ({res['headline']} IoU): "

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class InventoryConfig:
     crown_model: Path | None = None  # None: models/zoo/crowns.onnx
     species_model: Path | None = None  # None: models/zoo/species.onnx when present, else species "unknown"
     use_species_model: bool = True
-    bands: tuple[int, int, int] = (1, 2, 3)
+    bands: tuple[int, int, int] | None = None  # None: the red/green/blue-tagged bands, or 1,2,3 (raster)
     crs: str | None = None
     threads: int | None = None  # ONNX intra-op threads; None = all cores
     seed: int = 0
@@ -78,7 +78,8 @@ class InventoryConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
-        self.bands = tuple(int(b) for b in self.bands)  # type: ignore[assignment]
+        if self.bands is not None:
+            self.bands = tuple(int(b) for b in self.bands)  # type: ignore[assignment]
 
 
 @dataclass
@@ -245,6 +246,7 @@ def validate(config: InventoryConfig) -> RunPlan:
     pp = dict(postprocess_kwargs(crown.meta.postprocess))
     pp.update(postprocess_kwargs(cfg.postprocess))
     with open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, target_gsd_m=crown.meta.gsd_m) as ortho:
+        cfg = replace(cfg, bands=ortho.bands)  # the bands actually read (fingerprint, summary)
         for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
             if path is not None:
                 _check_height_overlap(path, what, ortho)

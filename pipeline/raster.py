@@ -106,7 +106,7 @@ class Ortho:
     ``warped`` (True when reads go through a WarpedVRT), ``native_gsd_m``, ``src_crs``.
     """
 
-    def __init__(self, path: str | os.PathLike, bands: tuple[int, ...] = (1, 2, 3), crs: str | None = None,
+    def __init__(self, path: str | os.PathLike, bands: tuple[int, ...] | None = None, crs: str | None = None,
                  target_gsd_m: float | None = None, stretch: Stretch | None = None):
         self.path = Path(path)
         if not self.path.exists() and not str(path).startswith("/vsi"):
@@ -122,10 +122,12 @@ class Ortho:
             self._src.close()
             raise
 
-    def _setup(self, bands: tuple[int, ...], crs: str | None, target_gsd_m: float | None,
+    def _setup(self, bands: tuple[int, ...] | None, crs: str | None, target_gsd_m: float | None,
                stretch: Stretch | None = None) -> None:
         src = self._src
         self._check_declared_size()
+        if bands is None:
+            bands = default_bands(src.colorinterp, self.path)
         if len(bands) != 3:
             raise InputError(f"{self.path}: --bands must name 3 bands (red,green,blue), got {bands}")
         if max(bands) > src.count:
@@ -302,7 +304,27 @@ class Ortho:
         self.close()
 
 
-def open_ortho(path: str | os.PathLike, bands: tuple[int, ...] = (1, 2, 3), crs: str | None = None,
+def default_bands(colorinterp: tuple[ColorInterp, ...], path: str | os.PathLike) -> tuple[int, int, int]:
+    """The red, green, blue bands (1-based) when ``--bands`` is not given.
+
+    Bands tagged red/green/blue are used wherever they are; an untagged 3-band image, or 3 bands plus an
+    alpha band, is read as 1,2,3. Anything else (e.g. 5-band multispectral) is ambiguous: InputError.
+    """
+    tagged = {ci: i + 1 for i, ci in reversed(list(enumerate(colorinterp)))}
+    rgb = [tagged.get(c) for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
+    if all(rgb):
+        return tuple(rgb)  # type: ignore[return-value]
+    colour = [ci for ci in colorinterp if ci != ColorInterp.alpha]
+    if len(colour) < 3:
+        raise InputError(f"{path}: has {len(colour)} colour band(s) but the model needs 3 colour bands "
+                         "(red, green, blue); pass an RGB orthomosaic")
+    if len(colour) == 3 and all(ci != ColorInterp.alpha for ci in colorinterp[:3]):
+        return (1, 2, 3)
+    raise InputError(f"{path}: has {len(colorinterp)} bands without red/green/blue colour tags; pass "
+                     "--bands R,G,B with the 1-based red, green and blue bands (e.g. --bands 3,2,1)")
+
+
+def open_ortho(path: str | os.PathLike, bands: tuple[int, ...] | None = None, crs: str | None = None,
                target_gsd_m: float | None = None, stretch: Stretch | None = None) -> Ortho:
     """Open ``path`` for tiled reading (use as a context manager). ``crs`` assigns a CRS (e.g. "EPSG:32617")
     to an input that lacks one; ``target_gsd_m`` is the model GSD to resample to when off by > 10%;

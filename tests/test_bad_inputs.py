@@ -257,8 +257,6 @@ def test_multispectral_band_out_of_range(tmp_path, models):
                  tmp_path / "out", "multispectral.tif", hint="--bands")
 
 
-@pytest.mark.xfail(strict=True, reason="engine lacks an 'auto' default for --bands: a >3-band input "
-                   "without RGB colour interpretation is read as bands 1,2,3 silently (issue 7)")
 def test_multispectral_without_bands_asks_for_bands(tmp_path, models):
     assert_fails(run_args(_multispectral(tmp_path), tmp_path / "out", models), tmp_path / "out",
                  "multispectral.tif", hint="--bands")
