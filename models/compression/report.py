@@ -343,6 +343,22 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
                 for k, r in same
             )
         )
+    q = results.get("int8")
+    if q:
+        lines += [
+            "",
+            "## Static int8 (QDQ, per-channel)",
+            "",
+            q.get("note", ""),
+            "",
+            "| model | latency ms (median / p90) | ONNX MB | F1@0.4 OSBS |",
+            "|---|---|---|---|",
+        ]
+        for row in q.get("rows", []):
+            lines.append(
+                f"| {row['name']} | {row['median_ms']:.1f} / {row['p90_ms']:.1f} | {row['size_mb']:.2f} | "
+                f"{_fmt(row.get('f1'))} |"
+            )
     lines += [
         "",
         "## Commands",
