@@ -433,7 +433,7 @@ def merge_latency(results: dict, latency: dict) -> dict:
         results["latency"] = meta
         models = sess["models"]
         dense = results["dense"]
-        if "latency" not in dense and dense["onnx"] in models:
+        if dense["onnx"] in models:  # the latest session's dense figures
             dense["latency"] = models[dense["onnx"]]
             if dense.get("onnx_fast_softmax") in models:
                 dense["latency_fast_softmax"] = models[dense["onnx_fast_softmax"]]
