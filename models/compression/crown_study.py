@@ -304,15 +304,6 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                         best = (score, r)
                 res = best[1]
                 res.details["candidates"] = cands
-                ft = run_finetune(
-                    res.model,
-                    data,
-                    train_cfg,
-                    cfg.finetune_steps,
-                    cfg.finetune_seconds,
-                    log=log,
-                    total_steps=total,
-                )
             else:
                 res = compress(
                     dense_net,
@@ -324,17 +315,17 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                     round_to=cfg.round_to,
                     alds_k_max=cfg.alds_k_max,
                 )
-                masks = res.details.get("masks") if method == "sipp" else None
-                ft = run_finetune(
-                    res.model,
-                    data,
-                    train_cfg,
-                    cfg.finetune_steps,
-                    cfg.finetune_seconds,
-                    masks=masks,
-                    log=log,
-                    total_steps=total,
-                )
+            masks = res.details.get("masks") if method == "sipp" else None
+            ft = run_finetune(
+                res.model,
+                data,
+                train_cfg,
+                cfg.finetune_steps,
+                cfg.finetune_seconds,
+                masks=masks,
+                log=log,
+                total_steps=total,
+            )
             res.details["finetune"] = ft
             from models.compression.cost import count_cost
 
