@@ -37,8 +37,11 @@ from shapely.geometry import box
 
 from pipeline.atomic import atomic_path
 
+# Per-crown properties in crowns.geojson: the engine's contract (issue 2) and the carbon contract (issue 5).
 CROWN_PROPERTIES = ["tree_id", "species", "species_prob", "score", "crown_area_m2", "crown_diameter_m",
                     "height_m", "height_source", "dbh_cm", "agb_kg", "agb_kg_sd", "carbon_kg", "co2e_kg"]
+CARBON_PROPERTIES = ["wood_density", "wood_density_level", "dbh_model", "agb_model", "bgb_kg", "agb_kg_p5",
+                     "agb_kg_p95", "height_confidence"]
 
 
 def species_colours(names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
@@ -68,7 +71,7 @@ def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
 def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int = 5000) -> Path:
     """RFC 7946 GeoJSON: WGS84 lon/lat rounded to 7 decimals (~1 cm), no ``crs`` member, exterior rings
     counter-clockwise, NaN written as null; one Feature per tree (vectorised: GEOS writes the geometries)."""
-    cols = [c for c in CROWN_PROPERTIES if c in crowns.columns] + \
+    cols = [c for c in CROWN_PROPERTIES + CARBON_PROPERTIES if c in crowns.columns] + \
         [c for c in ("lon", "lat", "cell_id", "plot_id") if c in crowns.columns]
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write('{"type":"FeatureCollection","features":[')

@@ -15,7 +15,7 @@ from affine import Affine
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from typer.testing import CliRunner
 
-from pipeline import inventory
+from pipeline import export, inventory
 from pipeline.errors import InputError
 from pipeline.onnx_model import OnnxModel
 from tests.tiny_models import crown_model_proto, write_crown_model, write_species_model
@@ -128,6 +128,13 @@ def test_end_to_end_every_crown_once_and_outputs(tmp_path, scene, models):
     assert "crs" not in doc and len(doc["features"]) == len(discs)
     lon, lat = doc["features"][0]["geometry"]["coordinates"][0][0]
     assert -82 < lon < -80 and 36 < lat < 37
+    carbon_contract = {"wood_density", "wood_density_level", "dbh_model", "agb_model", "bgb_kg", "agb_kg_p5",
+                       "agb_kg_p95"}
+    for feature in doc["features"]:  # both contracts on every Feature (issues 2 and 5)
+        props = feature["properties"]
+        assert set(export.CROWN_PROPERTIES) | carbon_contract <= set(props)
+        assert props["agb_kg_p5"] <= props["agb_kg"] <= props["agb_kg_p95"]
+        assert props["agb_model"] == "chave2014_eq4" and 0.2 < props["wood_density"] < 1.2
     layers = {name for name, _ in pyogrio.list_layers(out / "inventory.gpkg")}
     assert {"crowns", "grid", "species", "summary", "layer_styles"} <= layers
     on_disk = json.loads((out / "summary.json").read_text())
