@@ -26,6 +26,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalise_uint8(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8-range NCHW tensor -> mean/std-normalised float32, the same arithmetic as the exported graph."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    sd = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return (x.to(torch.float32) - m) / sd
+
+
 class UInt8Normalised(nn.Module):
     """Wrap a float network: uint8 NCHW in, ``softmax(module(normalise(x)), dim=1)`` out."""
 

@@ -37,7 +37,7 @@ from models.datasets.chips import IGNORE, Scene, load_box_scene, load_polygon_sc
 from models.datasets.polygons import read_polygons
 from models.datasets.savanna import CrownCutout, crown_bank, savanna_chip
 from models.datasets.splits import block_split
-from models.export import IMAGENET_MEAN, IMAGENET_STD, export_onnx
+from models.export import export_onnx, normalise_uint8
 from models.nets import CROWN_CLASS_NAMES, SegNetConfig, build_crown_net, count_parameters
 from pipeline.errors import InputError
 
@@ -169,10 +169,7 @@ def make_batch(
     return x, y
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return (x - mean) / std
+normalise = normalise_uint8  # the training-side twin of the in-graph normalisation
 
 
 def train_crowns(

@@ -29,7 +29,7 @@ from models.datasets.species_chips import (
     synthetic_scene,
     synthetic_species_chips,
 )
-from models.export import IMAGENET_MEAN, IMAGENET_STD, export_onnx, parity_max_abs_diff
+from models.export import export_onnx, normalise_uint8, parity_max_abs_diff
 from models.species_net import SpeciesNet, SpeciesNetConfig
 from pipeline.errors import InputError
 
@@ -59,11 +59,6 @@ class SpeciesTrainConfig:
     model_version: str = "species-synthetic-1"
     max_steps: int | None = None  # stop early (tests)
 
-
-def _normalise(x_uint8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
-    return (x_uint8.float() - mean) / std
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -109,7 +104,8 @@ def _predict(net: nn.Module, chips: np.ndarray, batch: int = 256) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(chips), batch):
-            out.append(torch.softmax(net(_normalise(torch.from_numpy(chips[i:i + batch]))), dim=1).numpy())
+            x = normalise_uint8(torch.from_numpy(chips[i:i + batch]))
+            out.append(torch.softmax(net(x), dim=1).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -143,7 +139,7 @@ def train_loop(cfg: SpeciesTrainConfig, train: SpeciesChips, val: SpeciesChips,
         t0, loss_sum = time.perf_counter(), 0.0
         for i in range(steps_per_epoch):
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb = _normalise(augment(x_all[idx], gen))
+            xb = normalise_uint8(augment(x_all[idx], gen))
             loss = loss_fn(net(xb), y_all[idx])
             opt.zero_grad()
             loss.backward()
