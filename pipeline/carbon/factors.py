@@ -3,6 +3,9 @@
 Root-to-shoot ratios R = BGB / AGB from IPCC (2006) Guidelines for National Greenhouse Gas Inventories,
 Vol. 4 (AFOLU), Ch. 4, Table 4.4, by ecological zone and above-ground biomass class (t d.m./ha). These were
 transcribed from a secondary source and the 2019 Refinement revises some of them: check the table in force.
+Verification status per row: pipeline/carbon/METHOD.md, section "Verification". Tropical mountain systems
+carry one value, 0.27, with no AGB classes, as the three secondary transcriptions of the table found give it
+(an earlier 0.28 above 125 t/ha was in none of them).
 
 Carbon fraction: IPCC 2006 default 0.47 (Vol. 4 Ch. 4 Table 4.3); Thomas & Martin (2012, Forests 3:332)
 report conifers 0.508 +- 0.007 and angiosperms 0.477 +- 0.003; BIOMASS draws CF ~ N(0.4713, 0.0206).
@@ -20,7 +23,7 @@ ROOT_SHOOT_TABLE: dict[str, tuple[tuple[float, float], ...]] = {
     "tropical_moist_deciduous": ((125.0, 0.20), (math.inf, 0.24)),
     "tropical_dry": ((20.0, 0.56), (math.inf, 0.28)),
     "tropical_shrubland": ((math.inf, 0.40),),
-    "tropical_mountain": ((125.0, 0.27), (math.inf, 0.28)),
+    "tropical_mountain": ((math.inf, 0.27),),
     "subtropical_humid_forest": ((125.0, 0.20), (math.inf, 0.24)),
     "subtropical_dry_forest": ((20.0, 0.56), (math.inf, 0.28)),
     "subtropical_steppe": ((20.0, 0.32), (math.inf, 0.27)),
