@@ -71,6 +71,7 @@ class TrainCrownsConfig:
     colour_strength: float = 1.0
     greyscale_p: float = 0.0  # share of chips turned grey before colour jitter
     savanna_crown_jitter: float = 0.0  # per-pasted-crown colour gain spread
+    savanna_max_crowns: int = 14  # most crowns pasted on one open-ground chip (density)
     class_weights: tuple[float, float, float] = (1.0, 1.0, 1.5)
     threads: int = 2
     checkpoint_every: int = 100
@@ -155,7 +156,7 @@ def make_batch(
         scale = float(np.exp(rng.uniform(np.log(1 - cfg.scale_jitter), np.log(1 + cfg.scale_jitter))))
         if bank and rng.random() < cfg.savanna_fraction:
             img, tgt = savanna_chip(rng, bank, cfg.chip_px, cfg.interior_ratio,
-                                   crown_jitter=cfg.savanna_crown_jitter)
+                                   max_crowns=cfg.savanna_max_crowns, crown_jitter=cfg.savanna_crown_jitter)
         else:
             s = scenes[int(rng.choice(len(scenes), p=weights))]
             img, tgt = sample_chip(s, rng, cfg.chip_px, scale)

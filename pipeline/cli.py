@@ -193,6 +193,8 @@ def train_crowns_cmd(
     greyscale_p: float = typer.Option(0.0, "--greyscale-p", help="share of chips turned grey before jitter"),
     savanna_crown_jitter: float = typer.Option(0.0, "--savanna-crown-jitter",
                                                help="per-crown colour spread on the open-ground chips"),
+    savanna_max_crowns: int = typer.Option(14, "--savanna-max-crowns",
+                                           help="most crowns pasted on one open-ground chip (density)"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
@@ -203,7 +205,7 @@ def train_crowns_cmd(
                             out_dir=out, iterations=iterations, batch_size=batch_size, seed=seed, gsd_m=gsd_m,
                             image_gsd_m=image_gsd_m, threads=threads,
                             colour_strength=colour_strength, greyscale_p=greyscale_p,
-                            savanna_crown_jitter=savanna_crown_jitter)
+                            savanna_crown_jitter=savanna_crown_jitter, savanna_max_crowns=savanna_max_crowns)
     result = run_training(cfg, export or f"{out}/crowns.onnx", model_version=model_version,
                           resume=not no_resume, tta=tta, log=typer.echo)
     typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")

@@ -96,51 +96,30 @@ def compress(model: nn.Module, method: str, target_ratio: float, input_shape: tu
                              tuple(input_shape), before, after, details)
 
 
-class ChannelSoftmax(nn.Module):
-    """``softmax(module(x), dim=1)`` written as max/exp/sum/div so ONNX Runtime vectorises it over pixels.
-
-    The fused ONNX ``Softmax`` over axis 1 of a [N, 3, T, T] tensor runs row by row over 3-element rows;
-    measured on the crown model it took ~12 % of the dense model's CPU time. Same probabilities (max
-    difference 3e-8 measured on a 512 px tile).
-    """
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x)
-        e = torch.exp(y - y.amax(dim=1, keepdim=True))
-        return e / e.sum(dim=1, keepdim=True)
-
-
-def export_engine_onnx(module: nn.Module, path, tile_size: int, metadata: dict | None = None,
-                       fast_softmax: bool = True):
-    """Export a float crown network (logits out) for the engine, softmax inside the graph."""
+def export_engine_onnx(module: nn.Module, path, tile_size: int, metadata: dict | None = None):
+    """Export a float crown network (logits out) for the engine, softmax inside the graph (written as
+    max/exp/sum, :func:`models.export.channel_softmax`)."""
     from models.export import export_onnx
 
-    if fast_softmax:
-        return export_onnx(ChannelSoftmax(module), path, input_shape=(3, tile_size, tile_size),
-                           metadata=metadata, output_name="probs", softmax=False)
     return export_onnx(module, path, input_shape=(3, tile_size, tile_size), metadata=metadata,
                        output_name="probs")
 
 
 def export_compressed(result: CompressionResult, path, tile_size: int, metadata: dict | None = None,
-                      calibration_tiles=None, quantized_path=None, fast_softmax: bool = True) -> dict:
+                      calibration_tiles=None, quantized_path=None) -> dict:
     """Export the compressed network as an engine ONNX model with a ``compression`` metadata record.
 
-    ``tile_size``: the engine tile edge (input H = W); ``fast_softmax``: see :class:`ChannelSoftmax`.
+    ``tile_size``: the engine tile edge (input H = W).
     With ``calibration_tiles`` (uint8 [N, 3, T, T]) and ``quantized_path``, also writes a static int8
     QDQ copy (per-channel weights). Returns the record.
     """
     from models.export import quantize_static_qdq
 
     record = result.record()
-    record["softmax"] = "channel (max/exp/sum)" if fast_softmax else "onnx Softmax"
+    record["softmax"] = "channel (max/exp/sum)"
     meta = dict(metadata or {})
     meta["compression"] = record
-    export_engine_onnx(result.model, path, tile_size, meta, fast_softmax)
+    export_engine_onnx(result.model, path, tile_size, meta)
     if quantized_path is not None:
         if calibration_tiles is None:
             raise ValueError("static int8 quantization needs calibration tiles")

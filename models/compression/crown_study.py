@@ -257,12 +257,13 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         }
         save_results(cfg.results, results)
         log(f"dense: F1 {results['dense']['f1']:.3f}")
-    fs_path = Path(cfg.out_dir) / "crowns-dense-fastsoftmax.onnx"
-    if "onnx_fast_softmax" not in results["dense"]:
+    if "onnx_fast_softmax" not in results["dense"] and _has_softmax_op(cfg.dense_onnx):
+        # a dense file exported with ONNX Softmax (older zoo models): time the channel-softmax twin too
         from models.compression.compress import export_engine_onnx
 
+        fs_path = Path(cfg.out_dir) / "crowns-dense-fastsoftmax.onnx"
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        export_engine_onnx(dense_net, fs_path, tile, dense_meta, fast_softmax=True)
+        export_engine_onnx(dense_net, fs_path, tile, dense_meta)
         results["dense"]["onnx_fast_softmax"] = str(fs_path)
         results["dense"]["f1_fast_softmax"] = official_f1(fs_path, cfg.image, cfg.truth, threads=cfg.threads)[
             "f1"
@@ -386,6 +387,12 @@ def quantize_run(cfg: StudyConfig, key: str, n_tiles: int = 32) -> dict:
     )
     save_results(cfg.results, results)
     return results["runs"][key + "+int8"]
+
+
+def _has_softmax_op(onnx_path: str | Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "Softmax" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
 
 
 def reevaluate(cfg: StudyConfig, log=print) -> dict:

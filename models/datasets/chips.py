@@ -146,7 +146,7 @@ def load_polygon_scene(
     """Scene from crown polygons over a georeferenced image (``scale`` as in :func:`load_box_scene`)."""
     rgb, valid, transform, _ = read_image(polyset.image_path)
     rgb, valid = resample_image(rgb, valid, scale)
-    transform = transform * transform.scale(1.0 / scale)
+    transform = transform @ transform.scale(1.0 / scale)
     h, w = rgb.shape[1:]
     geoms = list(polyset.gdf.geometry)
     target = polygons_to_crown_mask(geoms, transform, h, w, interior_ratio)

@@ -65,12 +65,12 @@ def polygon_masks(geoms, transform, height: int, width: int) -> list[tuple[int, 
     inv = ~transform
     for g in geoms:
         x0, y0, x1, y1 = g.bounds
-        cols, rows = zip(*[inv * (x, y) for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))], strict=True)
+        cols, rows = zip(*[inv @ (x, y) for x, y in ((x0, y0), (x0, y1), (x1, y0), (x1, y1))], strict=True)
         c0, c1 = max(int(np.floor(min(cols))), 0), min(int(np.ceil(max(cols))), width)
         r0, r1 = max(int(np.floor(min(rows))), 0), min(int(np.ceil(max(rows))), height)
         if c1 <= c0 or r1 <= r0:
             continue
-        t = transform * Affine.translation(c0, r0)
+        t = transform @ Affine.translation(c0, r0)
         m = features.rasterize(
             [(g, 1)], out_shape=(r1 - r0, c1 - c0), transform=t, fill=0, dtype="uint8"
         ).astype(bool)
