@@ -190,11 +190,34 @@ class Ortho:
         if stretch is not None:  # computed before (RunPlan): skip the decimated read of the whole image
             self.stretch = stretch
             return
-        sample, valid, _ = self.read_decimated(_SAMPLE_PX, stretch=False)
+        if np.dtype(self.dtype) == np.uint8:
+            # 8-bit data pass through unchanged: only the validity check is needed, and the source's mask
+            # decimated is far cheaper (time and memory) than decoding every pixel through the warp
+            sample, valid = None, self._source_valid_sample(_SAMPLE_PX)
+        else:
+            sample, valid, _ = self.read_decimated(_SAMPLE_PX, stretch=False)
         if not valid.any():
             raise InputError(f"{self.path}: every pixel is nodata or masked (nodata value, alpha or NaN); "
                              "check the nodata setting or --bands, or pass an orthomosaic with image data")
-        self.stretch = compute_stretch(sample, valid, self.dtype)
+        self.stretch = compute_stretch(sample, valid, self.dtype) if sample is not None else \
+            Stretch((0.0,) * 3, (255.0,) * 3, identity=True)
+
+    def _source_valid_sample(self, max_px: int) -> np.ndarray:
+        """Validity (mask, alpha or nodata) of the source image decimated to at most ``max_px`` per edge."""
+        src = self._src
+        factor = max(1.0, max(src.width, src.height) / max_px)
+        shape = (max(1, round(src.height / factor)), max(1, round(src.width / factor)))
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+            except RasterioIOError as exc:
+                if attempt + 1 == READ_ATTEMPTS:
+                    detail = str(exc.__cause__ or exc).strip().splitlines()[:1] or [type(exc).__name__]
+                    raise InputError(f"{self.path}: reading the mask failed {READ_ATTEMPTS} times "
+                                     f"({detail[0][:100]}): the file is truncated or corrupt; copy or export "
+                                     "it again") from None
+                time.sleep(READ_BACKOFF_S * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     def _check_declared_size(self) -> None:
         """A GeoTIFF whose header declares far more pixels than its bytes could hold (a corrupt header, or
