@@ -4,8 +4,9 @@ report. Orchestration only: every task is one call into ``models`` (needs the ``
 - train: ``models.train_crowns.run_training`` (skipped when a checkpoint is given)
 - compress + fine-tune + export: ``models.compression.crown_study.compress_crown_checkpoint`` per
   (method, ratio), mapped
-- evaluate: ``models.compression.robustness.engine_f1`` on the validation image and each drone shift
-  (``write_shifted``), for the dense reference and every compressed model
+- evaluate: ``models.compression.robustness.evaluate_under_shifts`` (the ``forest-inventory evaluate``
+  path) on the validation image and each drone shift (``shifted_copies``), for the dense reference and
+  every compressed model
 - report: the results JSON of ``models.compression.crown_study`` plus ``models.compression.report``
 
 Each step is cached on the identity of its inputs (files by path + size + mtime, ONNX models by sha256)
@@ -77,31 +78,22 @@ def compress_task(checkpoint: str, method: str, ratio: float, out_path: str, ref
 
 
 @task(name="shift-images", **_OPTIONS)
-def shift_images_task(image: str, shifts: list[str], out_dir: str) -> dict[str, str]:
-    """The validation image under each drone shift (written once)."""
-    from models.compression.robustness import write_shifted
+def shift_images_task(image: str, truth_csv: str, shifts: list[str],
+                      out_dir: str) -> dict[str, tuple[str, str]]:
+    """The validation image under each drone shift, with its reference boxes (written once)."""
+    from models.compression.robustness import shifted_copies
 
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for shift in shifts:
-        path = folder / f"{Path(image).stem}_{shift}.tif"
-        if not path.exists():
-            write_shifted(image, shift, path)
-        paths[shift] = str(path)
-    return paths
+    return shifted_copies(image, truth_csv, shifts, out_dir)
 
 
 @task(name="evaluate", **_OPTIONS)
-def evaluate_task(onnx_path: str, image: str, truth_csv: str, shift_images: dict[str, str],
+def evaluate_task(onnx_path: str, image: str, truth_csv: str, shift_images: dict[str, tuple[str, str]],
                   threads: int) -> dict[str, Any]:
-    """F1/precision/recall at IoU 0.4 through the engine stages, nominal and per shift."""
-    from models.compression.robustness import engine_f1, truth_polygons
+    """F1/precision/recall at IoU 0.4 as ``forest-inventory evaluate`` computes them, nominal and per
+    shift."""
+    from models.compression.robustness import evaluate_under_shifts
 
-    truth = truth_polygons(truth_csv, image)
-    nominal = engine_f1(onnx_path, image, truth, threads=threads)
-    shifted = {s: engine_f1(onnx_path, p, truth, threads=threads)["f1"] for s, p in shift_images.items()}
-    return {**nominal, "f1_shift": shifted}
+    return evaluate_under_shifts(onnx_path, image, truth_csv, shift_images, threads)
 
 
 @task(name="report", **_OPTIONS)
@@ -172,7 +164,8 @@ def compress_flow(out: str = "out/compress", checkpoint: str | None = None,
             runs[i] = compress.with_options(refresh_cache=True)(checkpoint, m, r, run["onnx"], reference_onnx,
                                                                 finetune_steps, quantize, threads)
 
-    shifted = shift_images_task.with_options(**storage)(image, shift_names, str(out_dir / "shifts"))
+    shifted = shift_images_task.with_options(**storage)(image, truth_csv, shift_names,
+                                                        str(out_dir / "shifts"))
     evaluate = evaluate_task.with_options(**storage)
     dense_eval = evaluate(reference_onnx, image, truth_csv, shifted, threads)
     eval_futures = evaluate.map([r["onnx"] for r in runs], unmapped(image), unmapped(truth_csv),

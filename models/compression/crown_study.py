@@ -23,7 +23,7 @@ from torch import nn
 
 from models.compression.compress import compress, export_compressed
 from models.compression.finetune import finetune, rewound_schedule
-from models.compression.robustness import SHIFTS, truth_polygons, write_shifted
+from models.compression.robustness import SHIFTS, evaluate_f1, evaluate_under_shifts, shifted_copies
 from pipeline.atomic import atomic_path
 
 
@@ -158,76 +158,36 @@ def run_finetune(
 
 
 def validation_score(net: nn.Module, data: CrownData, train_cfg, postprocess: dict) -> float:
-    """Mean F1@0.4 on the crown model's held-out validation blocks (selection only; never OSBS)."""
-    from models.train_crowns import score_cases, validation_cases
-
-    cases = validation_cases(net.eval(), data.scenes, train_cfg, n_savanna=2)
-    m = score_cases(cases, postprocess, train_cfg.gsd_m)
+    """Mean F1@0.4 on the crown model's held-out validation (2 open-ground chips; selection only, never
+    OSBS)."""
+    m = heldout_validation(net, data, train_cfg, postprocess, n_savanna=2)
     f1s = [v for k, v in m.items() if k.endswith("_f1_iou0.4")]
     return float(np.mean(f1s)) if f1s else 0.0
 
 
+def heldout_validation(net: nn.Module, data: CrownData, train_cfg, postprocess: dict,
+                       n_savanna: int = 8) -> dict:
+    """Held-out validation scores of a (compressed) torch network with the dense model's postprocess:
+    real YELL + SOAP blocks and ``n_savanna`` open-ground chips of held-out crowns (8: the model card's)."""
+    from models.train_crowns import score_cases, validation_cases
+
+    cases = validation_cases(net.eval(), data.scenes, train_cfg, n_savanna=n_savanna)
+    return {k: round(float(v), 4) for k, v in score_cases(cases, postprocess, train_cfg.gsd_m).items()}
+
+
 def official_f1(onnx_path: str | Path, image: str | Path, truth_csv: str | Path, threads: int = 2) -> dict:
-    """F1@0.4 as ``forest-inventory evaluate`` computes it (engine path, envelopes vs reference boxes)."""
-    import tempfile
-
-    from pipeline.evaluation.run import evaluate_crowns_on_image
-
-    with tempfile.TemporaryDirectory() as tmp:
-        r = evaluate_crowns_on_image(image, truth_csv, tmp, crown_model=onnx_path, threads=threads)
-    m = r["scores"][r["headline"]]
-    t = m["thresholds"]["0.4"]
-    return {"f1": t["f1"], "precision": t["precision"], "recall": t["recall"], "n_pred": m["n_pred"]}
+    """F1@0.4 as ``forest-inventory evaluate`` computes it (see :func:`robustness.evaluate_f1`)."""
+    return evaluate_f1(onnx_path, image, truth_csv, threads)
 
 
-def evaluate_onnx(
-    path: str | Path, cfg: StudyConfig, shift_images: dict[str, tuple[Path, Path]], truth: list | None = None
-) -> dict:
-    """Nominal and per-shift F1@0.4 on OSBS_029 through ``forest-inventory evaluate``'s code path."""
-    nominal = official_f1(path, cfg.image, cfg.truth, threads=cfg.threads)
-    shifts = {
-        s: official_f1(path, img, csv, threads=cfg.threads)["f1"] for s, (img, csv) in shift_images.items()
-    }
-    return {
-        "f1": nominal["f1"],
-        "precision": nominal["precision"],
-        "recall": nominal["recall"],
-        "n_pred": nominal["n_pred"],
-        "f1_shift": shifts,
-        "evaluator": "pipeline.evaluation.run.evaluate_crowns_on_image (forest-inventory evaluate, box)",
-    }
+def evaluate_onnx(path: str | Path, cfg: StudyConfig, shift_images: dict[str, tuple[str, str]]) -> dict:
+    """Nominal and per-shift F1@0.4 on the study image through ``forest-inventory evaluate``'s code path."""
+    return evaluate_under_shifts(path, cfg.image, cfg.truth, shift_images, cfg.threads)
 
 
-def _shift_truth_csv(truth_csv: str | Path, src: str | Path, shifted: Path, dst: Path) -> Path:
-    """The reference boxes in the pixel grid of the shifted image (scaled for GSD shifts)."""
-    import pandas as pd
-    import rasterio
-
-    with rasterio.open(src) as a, rasterio.open(shifted) as b:
-        sx, sy = b.width / a.width, b.height / a.height
-    df = pd.read_csv(truth_csv)
-    df["image_path"] = shifted.name
-    for col, f in (("xmin", sx), ("xmax", sx), ("ymin", sy), ("ymax", sy)):
-        df[col] = (df[col] * f).round(2)
-    with atomic_path(dst) as tmp:
-        df.to_csv(tmp, index=False)
-    return dst
-
-
-def prepare_shift_images(cfg: StudyConfig) -> dict[str, tuple[Path, Path]]:
+def prepare_shift_images(cfg: StudyConfig) -> dict[str, tuple[str, str]]:
     """Shifted copies of the evaluation image and their reference CSVs (written once)."""
-    d = Path(cfg.out_dir) / "shifts"
-    d.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for s in cfg.shifts:
-        p = d / f"{Path(cfg.image).stem}_{s}.tif"
-        if not p.exists():
-            write_shifted(cfg.image, s, p)
-        csv = p.with_suffix(".csv")
-        if not csv.exists():
-            _shift_truth_csv(cfg.truth, cfg.image, p, csv)
-        out[s] = (p, csv)
-    return out
+    return shifted_copies(cfg.image, cfg.truth, cfg.shifts, Path(cfg.out_dir) / "shifts")
 
 
 def run_study(cfg: StudyConfig, log=print) -> dict:
@@ -242,7 +202,6 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     dense_meta.pop("compression", None)
     postprocess = json.loads(dense_meta.get("postprocess", "{}"))
     tile = int(dense_meta.get("tile_size", train_cfg.tile_size))
-    truth = truth_polygons(cfg.truth, cfg.image)
     shift_images = prepare_shift_images(cfg)
     if "dense" not in results:
         from models.compression.cost import count_cost
@@ -253,7 +212,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             "params": c.params,
             "macs": c.macs,
             "size_mb": Path(cfg.dense_onnx).stat().st_size / 1e6,
-            **evaluate_onnx(cfg.dense_onnx, cfg, shift_images, truth),
+            **evaluate_onnx(cfg.dense_onnx, cfg, shift_images),
         }
         save_results(cfg.results, results)
         log(f"dense: F1 {results['dense']['f1']:.3f}")
@@ -273,6 +232,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     calib = data.calibration(cfg.calib_images, cfg.calib_px)
     total = trained_steps(cfg.checkpoint)
     results["dense"]["trained_steps"] = total
+    if "validation" not in results["dense"]:
+        results["dense"]["validation"] = heldout_validation(dense_net, data, train_cfg, postprocess)
+        save_results(cfg.results, results)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for ratio in cfg.ratios:
@@ -339,7 +301,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                 f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
             )
             record = export_compressed(res, path, tile, metadata=meta)
-            ev = evaluate_onnx(path, cfg, shift_images, truth)
+            ev = evaluate_onnx(path, cfg, shift_images)
+            ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
             torch.save(res.model, out_dir / f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}.pt")
             results["runs"][key] = {
                 "method": method,
@@ -381,7 +344,7 @@ def quantize_run(cfg: StudyConfig, key: str, n_tiles: int = 32) -> dict:
         per_channel=True,
         extra_metadata={"compression": dict(run["record"], quantization="static int8 QDQ")},
     )
-    ev = evaluate_onnx(q_path, cfg, prepare_shift_images(cfg), truth_polygons(cfg.truth, cfg.image))
+    ev = evaluate_onnx(q_path, cfg, prepare_shift_images(cfg))
     results["runs"][key + "+int8"] = dict(
         run, onnx=str(q_path), size_mb=q_path.stat().st_size / 1e6, quantized=True, **ev
     )

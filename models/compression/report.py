@@ -190,9 +190,10 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
         "thresholds (`models.train_crowns.validation_cases` / `score_cases`, the model card's numbers).",
         "- **Latency**: ONNX Runtime CPU, batch 1 at the engine tile size, 2 intra-op threads, sequential, "
         "10 warm-up runs then >= 50 timed runs, models timed round-robin; median and p90. "
-        f"Machine: {results.get('latency', {}).get('cpu_count', '?')} cores shared with other jobs "
-        f"(1-min load average {_fmt(results.get('latency', {}).get('load_avg_1m'), 1)} when measured), so "
-        "absolute times are noisy; the ratios between models timed together are the meaningful figure.",
+        f"Machine: {results.get('latency', {}).get('cpu_count', '?')} cores "
+        f"(1-min load average {_fmt(results.get('latency', {}).get('load_avg_1m'), 1)} when measured; above "
+        "the core count other jobs shared the CPU); the ratios between models timed together are the "
+        "meaningful figure.",
         "",
     ]
     lines += ["## Summary", ""]
@@ -341,9 +342,8 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png") -> st
         "",
         "## Methods at equal budget",
         "",
-        "Same MAC budget; runs with the same tag share the same fine-tune recipe (an untagged run's "
-        "fine-tune was capped in seconds, so its step count depended on the machine's load; `-ft100` runs "
-        "all had exactly 100 steps). OSBS F1, speed-up, and held-out validation F1 (real / open):",
+        "Same MAC budget; runs with the same tag share the same fine-tune recipe (steps in the table "
+        "above). OSBS F1, speed-up, and held-out validation F1 (real / open):",
         "",
     ]
     for ratio, tag in sorted({(r["ratio"], r.get("tag") or "") for r in runs.values()}):

@@ -137,57 +137,68 @@ def write_shifted(src: str | os.PathLike, shift: str, dst: str | os.PathLike) ->
     return dst
 
 
-def truth_polygons(truth_csv: str | os.PathLike, image_path: str | os.PathLike) -> list:
-    """Reference crown boxes of a DeepForest CSV (pixel coordinates) as polygons in the image CRS."""
+def shifted_truth_csv(truth_csv: str | os.PathLike, src: str | os.PathLike, shifted: str | os.PathLike,
+                      dst: str | os.PathLike) -> Path:
+    """The reference boxes (DeepForest CSV, pixels) in the pixel grid of the shifted image (GSD shifts
+    scale them)."""
     import pandas as pd
     import rasterio
-    from shapely.geometry import box
 
+    from pipeline.atomic import atomic_path
+
+    with rasterio.open(src) as a, rasterio.open(shifted) as b:
+        sx, sy = b.width / a.width, b.height / a.height
     df = pd.read_csv(truth_csv)
-    with rasterio.open(image_path) as ds:
-        t = ds.transform
-    polys = []
-    for r in df.itertuples():
-        x0, y0 = t * (r.xmin, r.ymin)
-        x1, y1 = t * (r.xmax, r.ymax)
-        polys.append(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
-    return polys
+    df["image_path"] = Path(shifted).name
+    for col, f in (("xmin", sx), ("xmax", sx), ("ymin", sy), ("ymax", sy)):
+        df[col] = (df[col] * f).round(2)
+    with atomic_path(dst) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(dst)
 
 
-def engine_crowns(
-    onnx_path: str | os.PathLike, image_path: str | os.PathLike, threads: int = 2, batch_size: int = 1
-) -> list:
-    """Crown polygons of the engine's segmentation stages: open_ortho (resampled to the model GSD when
-    off by > 10 %) -> plan_tiles -> predict_tiles -> extract_crowns (model postprocess) -> seam rule."""
-    from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs
-    from pipeline.onnx_model import OnnxModel
-    from pipeline.raster import open_ortho
-    from pipeline.segment import predict_tiles
-    from pipeline.tiling import plan_tiles
-
-    model = OnnxModel(onnx_path, threads=threads)
-    meta = model.meta
-    params = postprocess_kwargs(meta.postprocess)
-    min_area = params.pop("min_area_m2", 1.0)
-    polys = []
-    with open_ortho(image_path, target_gsd_m=meta.gsd_m) as ortho:
-        tiles = plan_tiles(ortho.width, ortho.height, meta.tile_size, meta.overlap_px)
-        for tile, probs, valid in predict_tiles(model, ortho, tiles, batch_size):
-            tr = ortho.window_transform(tile.window)
-            cands = extract_crowns(probs, valid, tr, min_area, **params)
-            polys += [c.polygon for c in keep_in_core(cands, tile, ortho.transform)]
-    return polys
+def shifted_copies(image: str | os.PathLike, truth_csv: str | os.PathLike, shifts: list[str],
+                   out_dir: str | os.PathLike) -> dict[str, tuple[str, str]]:
+    """Per shift: (shifted GeoTIFF, its reference CSV) in ``out_dir``, each written once."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for s in shifts:
+        p = d / f"{Path(image).stem}_{s}.tif"
+        if not p.exists():
+            write_shifted(image, s, p)
+        csv = p.with_suffix(".csv")
+        if not csv.exists():
+            shifted_truth_csv(truth_csv, image, p, csv)
+        out[s] = (str(p), str(csv))
+    return out
 
 
-def engine_f1(
-    onnx_path: str | os.PathLike, image_path: str | os.PathLike, truth: list, threads: int = 2
-) -> dict:
-    """F1/precision/recall at IoU 0.4 of the engine's crowns on ``image_path`` against ``truth``."""
-    from pipeline.evaluation.crowns import crown_metrics
+def evaluate_f1(onnx_path: str | os.PathLike, image: str | os.PathLike, truth_csv: str | os.PathLike,
+                threads: int = 2) -> dict:
+    """F1/precision/recall at IoU 0.4 exactly as ``forest-inventory evaluate`` computes them (the engine's
+    stages, predicted crown envelopes vs reference boxes, Hungarian matching)."""
+    import tempfile
 
-    pred = engine_crowns(onnx_path, image_path, threads)
-    m = crown_metrics(pred, truth, (0.4,))["thresholds"]["0.4"]
-    return {"f1": m["f1"], "precision": m["precision"], "recall": m["recall"], "n_pred": len(pred)}
+    from pipeline.evaluation.run import evaluate_crowns_on_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = evaluate_crowns_on_image(image, truth_csv, tmp, crown_model=onnx_path, threads=threads)
+    m = r["scores"][r["headline"]]
+    t = m["thresholds"]["0.4"]
+    return {"f1": t["f1"], "precision": t["precision"], "recall": t["recall"], "n_pred": m["n_pred"]}
+
+
+EVALUATOR = "pipeline.evaluation.run.evaluate_crowns_on_image (forest-inventory evaluate, box)"
+
+
+def evaluate_under_shifts(onnx_path: str | os.PathLike, image: str | os.PathLike,
+                          truth_csv: str | os.PathLike, shifted: Mapping[str, tuple[str, str]],
+                          threads: int = 2) -> dict:
+    """Nominal F1 (with precision, recall, n_pred) and ``f1_shift`` per shifted copy."""
+    nominal = evaluate_f1(onnx_path, image, truth_csv, threads)
+    f1_shift = {s: evaluate_f1(onnx_path, img, csv, threads)["f1"] for s, (img, csv) in shifted.items()}
+    return {**nominal, "f1_shift": f1_shift, "evaluator": EVALUATOR}
 
 
 def prune_potential(
