@@ -141,8 +141,10 @@ def test_variants_and_ship_rule():
                         "b": {"method": "l1", "test": {"macro_f1": 0.97}, "latency": lat(30.0, 35.0, 3.3)},
                         "c": {"method": "uniform", "test": {"macro_f1": 0.99},
                               "latency": lat(95.0, 99.0, 1.05)},
+                        "s": {"method": "sipp", "test": {"macro_f1": 0.99}, "latency": lat(40.0, 45.0, 2.5)},
                         CONTROL: {"method": CONTROL, "test": {"macro_f1": 1.0}, "latency": lat(1, 1, 100)}}}
     d = ship_decision(results)
-    assert d["ship"] == "a" and d["eligible"] == ["a"]  # b loses > 1 point, c is not measurably faster
+    # b loses > 1 point, c is not measurably faster, s is SiPP (dense shapes)
+    assert d["ship"] == "a" and d["eligible"] == ["a"]
     results["runs"]["a"]["test"]["macro_f1"] = 0.5
     assert ship_decision(results)["ship"] is None

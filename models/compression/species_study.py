@@ -38,12 +38,19 @@ SPECIES_VARIANTS = ("pfp", "l1", "uniform", "sipp", "alds", "pfp-r1", "l1-r1", "
 CONTROL = "dense-ft"  # the dense net fine-tuned with the same schedule: what the fine-tune alone does
 
 
+def default_dense_onnx(zoo: str | Path = "models/zoo") -> str:
+    """The dense species model: ``species-dense.onnx`` once a compressed model is shipped, else
+    ``species.onnx``."""
+    dense = Path(zoo) / "species-dense.onnx"
+    return str(dense if dense.exists() else Path(zoo) / "species.onnx")
+
+
 @dataclass
 class SpeciesStudyConfig:
     """Every setting of one study run (stored in the results JSON)."""
 
     checkpoint: str = "checkpoints/species/species_best.pt"
-    dense_onnx: str = "models/zoo/species.onnx"
+    dense_onnx: str = field(default_factory=lambda: default_dense_onnx())
     out_dir: str = "out/species_compression"
     results: str = "models/zoo/species_compression_results.json"
     report: str = "models/zoo/SPECIES_COMPRESSION.md"
@@ -301,6 +308,15 @@ def measure_latency(cfg: SpeciesStudyConfig, results: dict, log=print) -> dict:
     if results["dense"].get("onnx_reexport"):
         paths.append(results["dense"]["onnx_reexport"])
     paths += [r["onnx"] for r in results["runs"].values()]
+    if results.get("latency_sessions"):  # keep the earlier session's figures beside the new one
+        old = {"sessions": results["latency_sessions"], "speedup": {}}
+        for b in cfg.latency_batches:
+            old["speedup"][f"batch{b}"] = {k: r["latency"][f"batch{b}"]["speedup"]
+                                           for k, r in results["runs"].items()
+                                           if f"batch{b}" in r.get("latency", {})}
+            dense_ms = results["dense"]["latency"][f"batch{b}"]["median_ms"]
+            old["speedup"][f"batch{b}"]["dense_median_ms"] = dense_ms
+        results.setdefault("latency_history", []).append(old)
     sessions = []
     for b in cfg.latency_batches:
         log(f"latency: batch {b}, {len(paths)} models, {cfg.latency_runs} runs each, "
@@ -324,6 +340,7 @@ def measure_latency(cfg: SpeciesStudyConfig, results: dict, log=print) -> dict:
 def _dense_entry(cfg: SpeciesStudyConfig, net: nn.Module, data: SpeciesData, scene, meta: dict,
                  tile: int, log) -> dict:
     from models.export import export_onnx, parity_max_abs_diff
+    from pipeline.onnx_model import file_sha256
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +353,7 @@ def _dense_entry(cfg: SpeciesStudyConfig, net: nn.Module, data: SpeciesData, sce
     a = ort_session(cfg.dense_onnx, 1).run(None, {"image": chips})[0]
     b = ort_session(reexport, 1).run(None, {"image": chips})[0]
     entry = {
-        "onnx": cfg.dense_onnx, "onnx_reexport": str(reexport),
+        "onnx": cfg.dense_onnx, "onnx_reexport": str(reexport), "sha256": file_sha256(cfg.dense_onnx),
         "checkpoint_vs_shipped_max_abs_diff": float(np.max(np.abs(a - b))),
         "parity_max_abs_diff": parity_max_abs_diff(net, cfg.dense_onnx, data.val.chips[:32]),
         "params": c.params, "macs": c.macs, "size_bytes": Path(cfg.dense_onnx).stat().st_size,
@@ -483,7 +500,7 @@ def ship_decision(results: dict) -> dict:
     d_lat = dense["latency"]["batch64"]
     eligible = []
     for key, r in results["runs"].items():
-        if r["method"] == CONTROL:
+        if r["method"] in (CONTROL, "sipp"):  # dense shapes: any timing difference is noise
             continue
         lat = r.get("latency", {}).get("batch64")
         f1_ok = r["test"]["macro_f1"] >= d_f1 - F1_TOLERANCE - 1e-9
@@ -491,7 +508,8 @@ def ship_decision(results: dict) -> dict:
         if f1_ok and fast:
             eligible.append((lat["speedup"], key))
     rule = (f"macro-F1 on the test seed >= dense - {F1_TOLERANCE:.3f}, and at batch 64 a median speed-up >= "
-            f"{MIN_SPEEDUP:.2f}x with p90 below the dense median (same timing session)")
+            f"{MIN_SPEEDUP:.2f}x with p90 below the dense median (same timing session); SiPP is never "
+            "eligible (dense shapes); the fastest eligible run at batch 64 is shipped")
     if not eligible:
         return {"ship": None, "rule": rule, "eligible": []}
     eligible.sort(reverse=True)
@@ -521,8 +539,9 @@ def write_report(results: dict, path: str | Path) -> Path:
         "`models/zoo/species_compression_results.json`.",
         "",
         "## Setup",
-        f"- Dense weights: `{cfg['checkpoint']}` (the training run that produced the shipped "
-        f"`species.onnx`; re-exported from it, the ONNX outputs match the shipped file to "
+        f"- Dense weights: `{cfg['checkpoint']}` (the training run that produced `{d['onnx']}`, sha256 "
+        f"`{d.get('sha256', '?')[:12]}…`, the `species.onnx` shipped before this study; re-exported from it, "
+        "the ONNX outputs match that file to "
         f"{d['checkpoint_vs_shipped_max_abs_diff']:.1e} on 64 validation chips).",
         f"- Calibration (PFP, SiPP): {cfg['calib_chips']} normalised training chips, un-augmented.",
         f"- Fine-tune: {cfg['finetune_steps']} AdamW steps of batch 64 on the augmented training chips "
@@ -573,7 +592,7 @@ def write_report(results: dict, path: str | Path) -> Path:
                 f"{_fmt_ms(b64)} | {sp64} | {_fmt_ms(b1)} | {sp1} | {r['val']['macro_f1']:.4f} | "
                 f"{r['test']['macro_f1']:.4f} | {r['test']['accuracy']:.4f} | {delta:+.1f} |")
 
-    lines.append(row("dense (shipped species.onnx)", d, "0", f"{d['params']:,}"))
+    lines.append(row(f"dense (`{Path(d['onnx']).name}`)", d, "0", f"{d['params']:,}"))
     runs = results["runs"]
     order = sorted(runs, key=lambda k: (runs[k]["ratio"], SPECIES_VARIANTS.index(runs[k]["method"])
                                         if runs[k]["method"] in SPECIES_VARIANTS else -1))
@@ -615,9 +634,28 @@ def write_report(results: dict, path: str | Path) -> Path:
         lines.append(f"- batch {s['batch']}: `os.getloadavg()` (1, 5, 15 min) "
                      f"{tuple(s['load_avg_before'])} before, {tuple(s['load_avg_after'])} after; "
                      f"{s['cpu_count']} CPUs; {s['seconds']:.0f} s for the whole round-robin session.")
-    lines += ["", "The machine was shared with other long jobs while timing (load average around or above "
-              "the core count), so absolute milliseconds are high and noisy; the round-robin order makes the "
-              "ratios between models of one session the meaningful figure.", ""]
+    lines += ["", "The load averages include the timing process itself (2 ONNX Runtime threads); the 1-min "
+              "figure before each session is the load of everything else that had been running. Models are "
+              "timed round-robin, so the ratios between models of one session are the meaningful figure."]
+    same = [("dense re-export", d.get("latency_reexport", {}).get("batch64"))]
+    same += [(k, r.get("latency", {}).get("batch64")) for k, r in runs.items()
+             if r["method"] in (CONTROL, "sipp")]
+    dense64 = d.get("latency", {}).get("batch64")
+    same = [(k, dense64["median_ms"] / v["median_ms"]) for k, v in same if v and dense64]
+    if same:
+        lines.append("")
+        lines.append("Noise floor: models with exactly the dense architecture time at "
+                     + ", ".join(f"{k} {x:.2f}x" for k, x in same)
+                     + " the shipped file at batch 64 in the same session; speed-ups inside that spread are "
+                     "not differences.")
+    lines.append("")
+    for i, h in enumerate(results.get("latency_history", [])):
+        sp = h["speedup"].get("batch64", {})
+        load = h["sessions"][0]["load_avg_before"] if h["sessions"] else "?"
+        lines.append(f"Earlier timing session {i + 1} (batch 64, load before {tuple(load)}; dense "
+                     f"{sp.get('dense_median_ms', float('nan')):.2f} ms): speed-ups "
+                     + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if k != "dense_median_ms") + ".")
+        lines.append("")
     dec = results.get("decision", {})
     lines += ["## Decision", "", f"Rule: {dec.get('rule', '')}.", ""]
     if dec.get("ship"):
@@ -631,10 +669,17 @@ def write_report(results: dict, path: str | Path) -> Path:
     lines += ["", "## Reproduce", "", "```bash"]
     for c in results.get("commands", []):
         lines.append(c["command"])
-    lines += ["```", "", "The study skips runs already in the results JSON; delete it (and "
+    lines += ["```", "", f"`{Path(cfg['checkpoint']).parent}/` is the training folder of the dense model "
+              "(`species_best.pt` and the cached synthetic scenes in `.work/`); when `species_best.pt` is "
+              "missing the study first trains it with the model card's configuration. The conclusion and "
+              "notes are stored in the JSON (`--conclusion FILE`, `--note FILE`); `--report-only` rewrites "
+              "this file from the JSON.", "",
+              "The study skips runs already in the results JSON; delete it (and "
               f"`{cfg['out_dir']}/`) to start over. Wall-clock time of each run (compression + fine-tune + "
               "export + evaluation, 1 torch thread on the shared machine): " + ", ".join(
                   f"{k} {runs[k]['seconds']:.0f} s" for k in order) + "."]
+    for note in results.get("notes", []):
+        lines += ["", note]
     ck = results.get("checkpoint_training", {})
     if ck.get("trained"):
         lines.append(f"The checkpoint was missing and was trained first ({ck['seconds']:.0f} s).")
@@ -651,12 +696,22 @@ def ship(results: dict, zoo: str | Path = "models/zoo") -> dict:
     key = results.get("decision", {}).get("ship")
     if not key:
         raise SystemExit("no run meets the shipping rule; species.onnx stays dense")
+    from pipeline.onnx_model import file_sha256
+
     zoo = Path(zoo)
     dense_dst = zoo / "species-dense.onnx"
     if not dense_dst.exists():
         shutil.copyfile(results["dense"]["onnx"], dense_dst)
+    if file_sha256(dense_dst) != results["dense"].get("sha256", file_sha256(dense_dst)):
+        raise SystemExit(f"{dense_dst} is not the dense model of this study")
+    results["dense"]["onnx_timed_as"] = results["dense"]["onnx"]
+    results["dense"]["onnx"] = str(dense_dst)  # species.onnx is about to become the compressed model
+    for rec in results.get("latency_sessions", []):
+        rec.setdefault("dense_file", str(dense_dst))
     shutil.copyfile(results["runs"][key]["onnx"], zoo / "species.onnx")
-    return {"shipped": key, "dense": str(dense_dst)}
+    results["shipped"] = {"run": key, "species.onnx": file_sha256(zoo / "species.onnx"),
+                          "species-dense.onnx": file_sha256(dense_dst)}
+    return results["shipped"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSON")
     ap.add_argument("--conclusion", default=None, help="file whose text is the report's conclusion")
     ap.add_argument("--ship", action="store_true", help="copy the decided run to models/zoo/species.onnx")
+    ap.add_argument("--note", default=None, help="file whose text is appended to the report's notes")
     a = ap.parse_args(argv)
     cfg = SpeciesStudyConfig(
         checkpoint=a.checkpoint, dense_onnx=a.dense_onnx, out_dir=a.out_dir, results=a.results,
@@ -691,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_runs=a.latency_runs,
     )
     command = "python -m models.compression.species_study " + " ".join(shlex.quote(x) for x in argv)
-    if a.latency_only or a.report_only or a.conclusion or a.ship:
+    if a.latency_only or a.report_only or a.conclusion or a.ship or a.note:
         results = load_results(cfg.results)
         if a.latency_only:
             results["config"] = dict(results.get("config", {}), latency_runs=cfg.latency_runs,
@@ -702,8 +758,12 @@ def main(argv: list[str] | None = None) -> int:
                                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         if a.conclusion:
             results["conclusion"] = Path(a.conclusion).read_text().strip()
+        if a.note:
+            results.setdefault("notes", []).append(Path(a.note).read_text().strip())
         if a.ship:
             print(json.dumps(ship(results), indent=1))
+            results.setdefault("commands", []).append({"command": command,
+                                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         save_results(cfg.results, results)
     else:
         results = run_study(cfg, command)
