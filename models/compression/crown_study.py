@@ -23,8 +23,8 @@ from torch import nn
 
 from models.compression.compress import compress, export_compressed
 from models.compression.finetune import finetune, rewound_schedule
+from models.compression.results import load_results, save_results
 from models.compression.robustness import SHIFTS, evaluate_f1, evaluate_under_shifts, shifted_copies
-from pipeline.atomic import atomic_path
 
 
 @dataclass
@@ -50,18 +50,6 @@ class StudyConfig:
     image: str = "sample_data/OSBS_029.tif"
     truth: str = "sample_data/OSBS_029.csv"
     shifts: list[str] = field(default_factory=lambda: list(SHIFTS))
-
-
-def load_results(path: str | Path) -> dict:
-    p = Path(path)
-    return json.loads(p.read_text()) if p.exists() else {"runs": {}}
-
-
-def save_results(path: str | Path, results: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p) as tmp:
-        Path(tmp).write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
 class CrownData:

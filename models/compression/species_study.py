@@ -29,6 +29,7 @@ from torch import nn
 from models.compression.compress import compress, export_compressed
 from models.compression.cost import count_cost
 from models.compression.finetune import finetune, rewound_schedule
+from models.compression.results import load_results, save_results
 from pipeline.atomic import atomic_path
 
 SPECIES_METHODS = ("pfp", "l1", "uniform", "sipp", "alds")
@@ -71,18 +72,6 @@ class SpeciesStudyConfig:
 
 
 # ---- results file ----------------------------------------------------------------------------------
-def load_results(path: str | Path) -> dict:
-    p = Path(path)
-    return json.loads(p.read_text()) if p.exists() else {"runs": {}}
-
-
-def save_results(path: str | Path, results: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p) as tmp:
-        Path(tmp).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-
-
 # ---- dense model and data --------------------------------------------------------------------------
 def ensure_checkpoint(checkpoint: str | Path, threads: int = 2, log=print) -> dict:
     """Train the species model with the model card's configuration when ``checkpoint`` is missing.
