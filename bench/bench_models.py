@@ -48,26 +48,32 @@ def onnx_param_count(path: str) -> int:
     )
 
 
-def bench(paths: list[str], threads: int = 2, warmup: int = 10, runs: int = 50, seed: int = 0) -> dict:
-    """Latency statistics (ms) of every model, timed round-robin."""
-    sessions = {}
-    inputs = {}
+def round_robin_ms(sessions: dict, batch: int = 1, warmup: int = 10, runs: int = 50,
+                   seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Time ONNX Runtime sessions round-robin (one call of each in turn, so load from other processes hits
+    all alike) on random uint8 inputs with batch ``batch``: (ms per call per path, the feeds)."""
     rng = np.random.default_rng(seed)
-    for p in paths:
-        s = _session(p, threads)
+    feeds = {}
+    for p, s in sessions.items():
         inp = s.get_inputs()[0]
-        shape = [1 if not isinstance(d, int) else d for d in inp.shape]
-        sessions[p] = s
-        inputs[p] = {inp.name: rng.integers(0, 256, size=shape, dtype=np.uint8)}
+        shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+        feeds[p] = {inp.name: rng.integers(0, 256, size=shape, dtype=np.uint8)}
     for _ in range(warmup):
         for p, s in sessions.items():
-            s.run(None, inputs[p])
-    times: dict[str, list[float]] = {p: [] for p in paths}
+            s.run(None, feeds[p])
+    times: dict[str, list[float]] = {p: [] for p in sessions}
     for _ in range(runs):
         for p, s in sessions.items():
             t0 = time.perf_counter()
-            s.run(None, inputs[p])
+            s.run(None, feeds[p])
             times[p].append((time.perf_counter() - t0) * 1000.0)
+    return {p: np.asarray(t) for p, t in times.items()}, feeds
+
+
+def bench(paths: list[str], threads: int = 2, warmup: int = 10, runs: int = 50, seed: int = 0) -> dict:
+    """Latency statistics (ms) of every model, timed round-robin."""
+    sessions = {p: _session(p, threads) for p in paths}
+    times, inputs = round_robin_ms(sessions, 1, warmup, runs, seed)
     out = {}
     for p in paths:
         t = np.asarray(times[p])

@@ -163,11 +163,6 @@ def heldout_validation(net: nn.Module, data: CrownData, train_cfg, postprocess: 
     return {k: round(float(v), 4) for k, v in score_cases(cases, postprocess, train_cfg.gsd_m).items()}
 
 
-def official_f1(onnx_path: str | Path, image: str | Path, truth_csv: str | Path, threads: int = 2) -> dict:
-    """F1@0.4 as ``forest-inventory evaluate`` computes it (see :func:`robustness.evaluate_f1`)."""
-    return evaluate_f1(onnx_path, image, truth_csv, threads)
-
-
 def evaluate_onnx(path: str | Path, cfg: StudyConfig, shift_images: dict[str, tuple[str, str]]) -> dict:
     """Nominal and per-shift F1@0.4 on the study image through ``forest-inventory evaluate``'s code path."""
     return evaluate_under_shifts(path, cfg.image, cfg.truth, shift_images, cfg.threads)
@@ -212,7 +207,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         export_engine_onnx(dense_net, fs_path, tile, dense_meta)
         results["dense"]["onnx_fast_softmax"] = str(fs_path)
-        results["dense"]["f1_fast_softmax"] = official_f1(fs_path, cfg.image, cfg.truth, threads=cfg.threads)[
+        results["dense"]["f1_fast_softmax"] = evaluate_f1(fs_path, cfg.image, cfg.truth, threads=cfg.threads)[
             "f1"
         ]
         save_results(cfg.results, results)
@@ -353,7 +348,7 @@ def reevaluate(cfg: StudyConfig, log=print) -> dict:
     d = results["dense"]
     d.update(evaluate_onnx(d["onnx"], cfg, shift_images))
     if d.get("onnx_fast_softmax"):
-        d["f1_fast_softmax"] = official_f1(d["onnx_fast_softmax"], cfg.image, cfg.truth, cfg.threads)["f1"]
+        d["f1_fast_softmax"] = evaluate_f1(d["onnx_fast_softmax"], cfg.image, cfg.truth, cfg.threads)["f1"]
     save_results(cfg.results, results)
     log(f"dense: F1 {d['f1']:.3f}")
     for key, r in results["runs"].items():

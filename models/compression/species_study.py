@@ -258,27 +258,13 @@ def time_onnx(paths: list[str], batch: int, threads: int = 2, warmup: int = 10, 
     Sessions are the engine's (``models.export.ort_session``: sequential, no spinning); one run of each
     model in turn, so load from other processes hits all alike. Load averages are recorded around it.
     """
+    from bench.bench_models import round_robin_ms
     from models.export import ort_session
 
-    rng = np.random.default_rng(seed)
-    sessions, feeds = {}, {}
-    for p in paths:
-        s = ort_session(p, threads=threads)
-        inp = s.get_inputs()[0]
-        shape = [batch if not isinstance(d, int) else d for d in inp.shape]
-        sessions[p] = s
-        feeds[p] = {inp.name: rng.integers(0, 256, size=shape, dtype=np.uint8)}
+    sessions = {p: ort_session(p, threads=threads) for p in paths}
     load_before = list(os.getloadavg())
     t_start = time.time()
-    for _ in range(warmup):
-        for p, s in sessions.items():
-            s.run(None, feeds[p])
-    times: dict[str, list[float]] = {p: [] for p in paths}
-    for _ in range(runs):
-        for p, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feeds[p])
-            times[p].append((time.perf_counter() - t0) * 1000.0)
+    times, _ = round_robin_ms(sessions, batch, warmup, runs, seed)
     models = {}
     for p in paths:
         t = np.asarray(times[p])
