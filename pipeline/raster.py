@@ -207,15 +207,21 @@ class Ortho:
         src = self._src
         factor = max(1.0, max(src.width, src.height) / max_px)
         shape = (max(1, round(src.height / factor)), max(1, round(src.width / factor)))
+        return self._retried(lambda: src.dataset_mask(out_shape=shape, resampling=Resampling.nearest),
+                             "the mask") > 0
+
+    def _retried(self, read, what: str):
+        """``read()``, retried READ_ATTEMPTS times with backoff on I/O errors (a network drive hiccup); then
+        one InputError naming the file."""
         for attempt in range(READ_ATTEMPTS):
             try:
-                return src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+                return read()
             except RasterioIOError as exc:
                 if attempt + 1 == READ_ATTEMPTS:
-                    detail = str(exc.__cause__ or exc).strip().splitlines()[:1] or [type(exc).__name__]
-                    raise InputError(f"{self.path}: reading the mask failed {READ_ATTEMPTS} times "
-                                     f"({detail[0][:100]}): the file is truncated or corrupt; copy or export "
-                                     "it again") from None
+                    cause = str(exc.__cause__ or exc).strip().splitlines()
+                    detail = (cause[0] if cause else type(exc).__name__)[:100]
+                    raise InputError(f"{self.path}: reading {what} failed {READ_ATTEMPTS} times ({detail}): "
+                                     "the file is truncated or corrupt; copy or export it again") from None
                 time.sleep(READ_BACKOFF_S * 2 ** attempt)
         raise AssertionError("unreachable")
 
@@ -236,20 +242,12 @@ class Ortho:
     def _read_raw(self, window: Window, out_shape: tuple[int, int] | None = None, ds=None
                   ) -> tuple[np.ndarray, np.ndarray]:
         ds = self._ds if ds is None else ds
-        for attempt in range(READ_ATTEMPTS):
-            try:
-                data = ds.read(self.bands, window=window, resampling=Resampling.nearest,
-                               out_shape=None if out_shape is None else (3, *out_shape))
-                mask = ds.dataset_mask(window=window, out_shape=out_shape, resampling=Resampling.nearest)
-                break
-            except RasterioIOError as exc:
-                if attempt + 1 < READ_ATTEMPTS:
-                    time.sleep(READ_BACKOFF_S * 2 ** attempt)
-                    continue
-                cause = str(exc.__cause__ or exc).strip().splitlines()
-                detail = (cause[0] if cause else type(exc).__name__)[:100]
-                raise InputError(f"{self.path}: reading pixels failed {READ_ATTEMPTS} times ({detail}): "
-                                 "the file is truncated or corrupt; copy or export it again") from None
+        def read():
+            data = ds.read(self.bands, window=window, resampling=Resampling.nearest,
+                           out_shape=None if out_shape is None else (3, *out_shape))
+            return data, ds.dataset_mask(window=window, out_shape=out_shape, resampling=Resampling.nearest)
+
+        data, mask = self._retried(read, "pixels")
         valid = mask > 0
         if np.issubdtype(data.dtype, np.floating):
             valid &= np.isfinite(data).all(axis=0)
