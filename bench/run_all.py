@@ -36,9 +36,10 @@ JSON_NAMES = {"inventory": "bench_inventory.json", "models": "bench_models.json"
 
 
 def _crown_models() -> list[Path]:
-    """dense, compressed (the default crowns.onnx) and int8 crown models that exist in models/zoo."""
+    """Every crown model in models/zoo: dense, the default crowns.onnx, the compressed variants
+    (crowns-<method>.onnx) and their static int8 copies (*.int8.onnx)."""
     found = [p for p in (ZOO / "crowns-dense.onnx", ZOO / "crowns.onnx") if p.is_file()]
-    found += sorted(p for p in ZOO.glob("crowns*.onnx") if "int8" in p.name and p not in found)
+    found += sorted(p for p in ZOO.glob("crowns*.onnx") if p not in found)
     return found
 
 

@@ -72,6 +72,9 @@ class TrainCrownsConfig:
     greyscale_p: float = 0.0  # share of chips turned grey before colour jitter
     savanna_crown_jitter: float = 0.0  # per-pasted-crown colour gain spread
     savanna_max_crowns: int = 14  # most crowns pasted on one open-ground chip (density)
+    synthetic_scenes: int = 0  # generated scenes (pipeline.synthetic) mixed into training
+    synthetic_fraction: float = 0.0  # share of each batch cut from them (drawn before the savanna share)
+    synthetic_size_m: float = 150.0
     class_weights: tuple[float, float, float] = (1.0, 1.0, 1.5)
     threads: int = 2
     checkpoint_every: int = 100
@@ -120,6 +123,16 @@ def load_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
     return scenes
 
 
+def load_synthetic_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
+    """``cfg.synthetic_scenes`` generated scenes at the model GSD, cached in ``out_dir/synthetic``."""
+    if cfg.synthetic_scenes <= 0 or cfg.synthetic_fraction <= 0:
+        return []
+    from models.datasets.synthetic_scenes import synthetic_scenes
+
+    return synthetic_scenes(cfg.synthetic_scenes, Path(cfg.out_dir) / "synthetic", cfg.synthetic_size_m,
+                            cfg.gsd_m, cfg.interior_ratio)
+
+
 def _image_shape_gsd(path: str | Path, default_gsd_m: float) -> tuple[int, int, float]:
     """(height, width, GSD in m): a georeferenced image's pixel size, else ``default_gsd_m``."""
     import warnings
@@ -144,9 +157,16 @@ def _lr_factor(step: int, cfg: TrainCrownsConfig) -> float:
 
 
 def make_batch(
-    step: int, cfg: TrainCrownsConfig, scenes: list[Scene], bank: list[CrownCutout]
+    step: int,
+    cfg: TrainCrownsConfig,
+    scenes: list[Scene],
+    bank: list[CrownCutout],
+    synthetic: list[Scene] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch ``step`` (deterministic in (seed, step)): float images [N,3,T,T] in 0..255, targets [N,T,T]."""
+    """Batch ``step`` (deterministic in (seed, step)): float images [N,3,T,T] in 0..255, targets [N,T,T].
+
+    Each chip comes from a ``synthetic`` scene with probability ``cfg.synthetic_fraction``, else from an
+    open-ground chip with probability ``cfg.savanna_fraction``, else from a real scene."""
     rng = np.random.default_rng([cfg.seed, step])
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     weights = np.array([s.weight * max(1, int((s.target != IGNORE).sum())) for s in scenes], float)
@@ -154,7 +174,9 @@ def make_batch(
     imgs, tgts = [], []
     for _ in range(cfg.batch_size):
         scale = float(np.exp(rng.uniform(np.log(1 - cfg.scale_jitter), np.log(1 + cfg.scale_jitter))))
-        if bank and rng.random() < cfg.savanna_fraction:
+        if synthetic and cfg.synthetic_fraction > 0 and rng.random() < cfg.synthetic_fraction:
+            img, tgt = sample_chip(synthetic[int(rng.integers(len(synthetic)))], rng, cfg.chip_px, scale)
+        elif bank and rng.random() < cfg.savanna_fraction:
             img, tgt = savanna_chip(rng, bank, cfg.chip_px, cfg.interior_ratio,
                                    max_crowns=cfg.savanna_max_crowns, crown_jitter=cfg.savanna_crown_jitter)
         else:
@@ -206,8 +228,10 @@ def train_crowns(
         log(f"resumed from {ckpt_path} at step {start}")
     scenes = load_scenes(cfg)
     bank = crown_bank(scenes)
+    synthetic = load_synthetic_scenes(cfg)
     log(
-        f"{len(scenes)} scenes, {len(bank)} crown cut-outs, net {net_cfg.arch}/{net_cfg.encoder} "
+        f"{len(scenes)} scenes, {len(synthetic)} synthetic scenes, {len(bank)} crown cut-outs, "
+        f"net {net_cfg.arch}/{net_cfg.encoder} "
         f"{count_parameters(net) / 1e6:.2f}M params"
     )
     loss_fn = nn.CrossEntropyLoss(
@@ -218,7 +242,7 @@ def train_crowns(
     step = start
     stop = cfg.iterations if max_steps is None else min(cfg.iterations, start + max_steps)
     while step < stop:
-        x, y = make_batch(step, cfg, scenes, bank)
+        x, y = make_batch(step, cfg, scenes, bank, synthetic)
         logits = net(normalise(x))
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
@@ -412,6 +436,24 @@ def calibrate_postprocess(
     return best, best_metrics
 
 
+def _training_data_summary(cfg: TrainCrownsConfig) -> str:
+    """One line for the ONNX metadata: what the model was trained on."""
+    if list(cfg.boxes) == list(DEFAULT_ANNOTATIONS) and not cfg.polygons:
+        text = ("NEON AOP RGB 0.1 m: YELL crop (279 VOC boxes) + SOAP_061 (37 boxes), boxes as inscribed "
+                "ellipses; procedural open-ground chips with pasted training crowns; "
+                f"{cfg.val_fraction:.0%} of {cfg.block_px}px blocks held out")
+    else:
+        text = json.dumps({"boxes": [Path(b).name for b in cfg.boxes],
+                           "polygons": [Path(p).name for p in cfg.polygons]})
+    if cfg.synthetic_scenes > 0 and cfg.synthetic_fraction > 0:
+        from models.datasets.synthetic_scenes import synthetic_scene_seeds
+
+        seeds = synthetic_scene_seeds(cfg.synthetic_scenes)
+        text += (f"; {cfg.synthetic_scenes} synthetic scenes ({cfg.synthetic_size_m:g} m, seeds {seeds[0]}-"
+                 f"{seeds[-1]}) for {cfg.synthetic_fraction:.0%} of the chips")
+    return text
+
+
 def export_crown_model(
     net: nn.Module,
     cfg: TrainCrownsConfig,
@@ -429,13 +471,7 @@ def export_crown_model(
         "overlap_px": cfg.overlap_px,
         "bands": ["red", "green", "blue"],
         "model_version": model_version,
-        "training_data": "NEON AOP RGB 0.1 m: YELL crop (279 VOC boxes) + SOAP_061 (37 boxes), boxes as "
-        "inscribed ellipses; procedural open-ground chips with pasted training crowns; "
-        f"{cfg.val_fraction:.0%} of {cfg.block_px}px blocks held out"
-        if list(cfg.boxes) == list(DEFAULT_ANNOTATIONS) and not cfg.polygons
-        else json.dumps(
-            {"boxes": [Path(b).name for b in cfg.boxes], "polygons": [Path(p).name for p in cfg.polygons]}
-        ),
+        "training_data": _training_data_summary(cfg),
         "validation_metrics": validation_metrics,
         "postprocess": postprocess,
         "net": SegNetConfig.from_dict(cfg.net).to_dict(),

@@ -195,6 +195,10 @@ def train_crowns_cmd(
                                                help="per-crown colour spread on the open-ground chips"),
     savanna_max_crowns: int = typer.Option(14, "--savanna-max-crowns",
                                            help="most crowns pasted on one open-ground chip (density)"),
+    synthetic_scenes: int = typer.Option(0, "--synthetic-scenes",
+                                         help="generated scenes mixed into training (pretraining)"),
+    synthetic_fraction: float = typer.Option(0.25, "--synthetic-fraction",
+                                             help="share of chips cut from the synthetic scenes"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
@@ -205,7 +209,9 @@ def train_crowns_cmd(
                             out_dir=out, iterations=iterations, batch_size=batch_size, seed=seed, gsd_m=gsd_m,
                             image_gsd_m=image_gsd_m, threads=threads,
                             colour_strength=colour_strength, greyscale_p=greyscale_p,
-                            savanna_crown_jitter=savanna_crown_jitter, savanna_max_crowns=savanna_max_crowns)
+                            savanna_crown_jitter=savanna_crown_jitter, savanna_max_crowns=savanna_max_crowns,
+                            synthetic_scenes=synthetic_scenes,
+                            synthetic_fraction=synthetic_fraction if synthetic_scenes > 0 else 0.0)
     result = run_training(cfg, export or f"{out}/crowns.onnx", model_version=model_version,
                           resume=not no_resume, tta=tta, log=typer.echo)
     typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")

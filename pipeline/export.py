@@ -56,8 +56,8 @@ def species_colours(names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Columns GDAL can store: drop array/object columns that are not strings."""
+def _storable_columns(df: pd.DataFrame) -> list[str]:
+    """Columns GDAL can store: all but array/object columns that are not strings."""
     keep = []
     for col in df.columns:
         series = df[col]
@@ -65,10 +65,15 @@ def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
                 not all(isinstance(v, str | type(None)) for v in series):
             continue
         keep.append(col)
-    return df[keep]
+    return keep
 
 
-def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int = 5000) -> Path:
+def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with only the columns GDAL can store."""
+    return df[_storable_columns(df)]
+
+
+def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int = 1000) -> Path:
     """RFC 7946 GeoJSON: WGS84 lon/lat rounded to 7 decimals (~1 cm), no ``crs`` member, exterior rings
     counter-clockwise, NaN written as null; one Feature per tree (vectorised: GEOS writes the geometries)."""
     cols = [c for c in CROWN_PROPERTIES + CARBON_PROPERTIES if c in crowns.columns] + \
@@ -88,13 +93,16 @@ def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int 
     return Path(path)
 
 
-def write_csv(path: str | os.PathLike, crowns: gpd.GeoDataFrame) -> Path:
-    """One row per tree, no geometry; centroid as x/y (working CRS) and lon/lat (WGS84)."""
-    df = pd.DataFrame(_clean_frame(crowns).drop(columns=crowns.geometry.name))
-    digits = {c: 8 if c in ("lon", "lat") else 3 if c in ("x", "y") else 6
-              for c in df.columns if pd.api.types.is_float_dtype(df[c])}
-    with atomic_path(path) as tmp:
-        df.round(digits).to_csv(tmp, index=False)
+def write_csv(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int = 2000) -> Path:
+    """One row per tree, no geometry; centroid as x/y (working CRS) and lon/lat (WGS84). Written ``chunk``
+    rows at a time, so the text copy of the table never exists whole in memory."""
+    cols = [c for c in _storable_columns(crowns) if c != crowns.geometry.name]
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        for start in range(0, max(len(crowns), 1), chunk):
+            df = pd.DataFrame(crowns.iloc[start:start + chunk][cols])
+            digits = {c: 8 if c in ("lon", "lat") else 3 if c in ("x", "y") else 6
+                      for c in df.columns if pd.api.types.is_float_dtype(df[c])}
+            df.round(digits).to_csv(fh, index=False, header=start == 0)
     return Path(path)
 
 
@@ -181,7 +189,7 @@ def write_crown_mask(path: str | os.PathLike, crowns: gpd.GeoDataFrame, width: i
                     dst.write(block, 1, window=win)
         with atomic_path(path) as tmp:
             rasterio.shutil.copy(stage, tmp, driver="COG", compress="DEFLATE", predictor="2", blocksize=512,
-                                 overview_resampling="nearest", num_threads="ALL_CPUS", BIGTIFF="IF_SAFER")
+                                 overview_resampling="nearest", num_threads=1, BIGTIFF="IF_SAFER")
     finally:
         stage.unlink(missing_ok=True)
     return path

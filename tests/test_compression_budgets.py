@@ -141,3 +141,17 @@ def test_alds_k1_uses_plain_convs_and_meets_budget():
     res = compress(net, "alds", 0.6, SHAPE, budget="macs", alds_k_max=1)
     assert abs(res.after.macs / res.before.macs - 0.4) <= 0.02
     assert all(m.groups == 1 for m in res.model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("method", ["pfp", "l1", "uniform"])
+def test_budget_met_with_widths_in_multiples_of_8(method, calib):
+    # widths rounded to 8 (what gives ONNX Runtime speed-ups): the allocator must keep filling the budget
+    # with the groups whose step still fits, not stop at the first one that does not
+    net = tiny_unet()
+    res = compress(net, method, 0.5, SHAPE, calibration=calib, budget="macs", round_to=8)
+    kept = res.after.macs / res.before.macs
+    assert abs(kept - 0.5) <= 0.02
+    plan = ChannelPlan(res.model, SHAPE)
+    widths = plan.full_keep
+    assert all(w % 8 == 0 or w == full for w, full in zip(widths, ChannelPlan(tiny_unet(), SHAPE).full_keep,
+                                                              strict=True))

@@ -91,3 +91,33 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     sa, sb = straight["net"].state_dict(), resumed["net"].state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_synthetic_scenes_are_generated_once_and_train_like_polygons(tiny_cfg, tmp_path):
+    from dataclasses import replace
+
+    from models.datasets.synthetic_scenes import synthetic_scenes
+    from models.train_crowns import load_synthetic_scenes
+
+    scenes = synthetic_scenes(2, tmp_path / "syn", size_m=20.0, gsd_m=0.15)
+    assert [s.name for s in scenes] == ["synthetic_5000", "synthetic_5001"]
+    for s in scenes:
+        assert s.rgb.shape == (3, 133, 133) and s.split is None and s.boxes is None
+        classes = set(np.unique(s.target).tolist())
+        assert {0, 1, 2} <= classes and 255 not in classes  # background, interior, boundary; all valid
+    ortho = next((tmp_path / "syn").glob("seed_5000_*")) / "ortho.tif"
+    stamp = ortho.stat().st_mtime_ns
+    again = synthetic_scenes(2, tmp_path / "syn", size_m=20.0, gsd_m=0.15)
+    assert ortho.stat().st_mtime_ns == stamp  # reused, not regenerated
+    assert np.array_equal(again[0].rgb, scenes[0].rgb)
+
+    real = load_scenes(tiny_cfg)
+    # off by default: no scenes, and the batch stream of earlier configs is unchanged
+    assert load_synthetic_scenes(tiny_cfg) == []
+    x0, _ = make_batch(3, tiny_cfg, real, [])
+    x1, _ = make_batch(3, tiny_cfg, real, [], scenes)
+    assert torch.equal(x0, x1)
+    # every chip from the synthetic scenes at fraction 1: their targets hold crown interiors
+    cfg = replace(tiny_cfg, synthetic_scenes=2, synthetic_fraction=1.0, chip_px=64, batch_size=4)
+    _, y = make_batch(3, cfg, real, [], scenes)
+    assert (y == 1).sum() > 0 and (y == 255).sum() == 0

@@ -232,15 +232,19 @@ def allocate(plan: ChannelPlan, keep_at: Callable[[float], np.ndarray], target_r
             j = cand[np.argmax((keep - cont)[cand])]
             keep[j] -= step
         else:
+            # give a step back to the group furthest below its continuous count whose step still fits;
+            # a group whose step does not fit must not stop cheaper groups from filling the budget
             cand = np.where(keep + step <= n)[0]
-            if len(cand) == 0:
+            grown = None
+            for j in cand[np.argsort(-(cont - keep)[cand], kind="stable")]:
+                trial = keep.copy()
+                trial[j] += step
+                if plan.cost(trial, budget) <= target:
+                    grown = trial
+                    break
+            if grown is None:
                 break
-            trial = keep.copy()
-            j = cand[np.argmax((cont - keep)[cand])]
-            trial[j] += step
-            if plan.cost(trial, budget) > target:
-                break
-            keep = trial
+            keep = grown
     return keep, LevelSolution(sol.level, plan.cost(keep, budget), target)
 
 
