@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,24 @@ def test_static_qdq_keeps_metadata(tiny_net, tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(q)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_zoo_int8_copy_calibrates_on_the_models_own_training_data(tiny_net, tmp_path):
+    from models.compression.int8 import calibration_tiles, quantize_crown_model
+    from models.train_crowns import DEFAULT_ANNOTATIONS
+
+    # the stored training config names boxes that do not exist here: the shipped NEON scenes are used
+    cfg = TrainCrownsConfig(gsd_m=0.15, tile_size=64, overlap_px=16, net=TINY.to_dict(),
+                            boxes=[str(tmp_path / "gone.xml")])
+    path = export_crown_model(tiny_net, cfg, tmp_path / "crowns.onnx", {}, {}, "t-1")
+    tiles = calibration_tiles(path, 3)
+    assert tiles.shape == (3, 3, 64, 64) and tiles.dtype == np.uint8 and tiles.std() > 10
+    assert all(Path(b).is_file() for b in DEFAULT_ANNOTATIONS)
+    q = quantize_crown_model(path, tmp_path / "crowns.int8.onnx", n_tiles=3)
+    model = OnnxModel(q, threads=1)  # the engine takes it: same contract, plus the compression record
+    assert model.meta.task == "crown_segmentation" and model.meta.tile_size == 64
+    record = json.loads(read_metadata(q)["compression"])
+    assert record["method"] == "int8" and record["source"] == "crowns.onnx"
+    ref = OnnxModel(path, threads=1).run(tiles)
+    diff = np.abs(model.run(tiles) - ref)
+    assert diff.mean() < 0.02 and np.quantile(diff, 0.99) < 0.1  # int8 stays close to the float probs
