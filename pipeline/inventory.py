@@ -32,7 +32,7 @@ from pipeline.atomic import atomic_path
 from pipeline.crowns import DEFAULTS as CROWN_DEFAULTS
 from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs, resolve_seam_overlaps
 from pipeline.errors import InputError
-from pipeline.memory import release_free_heap
+from pipeline.memory import compact_labels, release_free_heap
 from pipeline.onnx_model import CROWN_TASK, SPECIES_TASK, ModelMeta, OnnxModel
 from pipeline.raster import Ortho, Stretch, open_ortho
 from pipeline.tiling import Tile, group_tiles, plan_tiles
@@ -422,6 +422,7 @@ def add_attributes(plan: RunPlan, crowns: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     trees["height_source"] = np.where(np.isfinite(height_m), source, "none") if source != "none" else "none"
     trees.attrs["species_probs"] = probs
     trees.attrs["species_classes"] = list(plan.species_meta.class_names) if plan.species_meta else []
+    compact_labels(trees)
     release_free_heap()
     return trees
 
@@ -494,7 +495,7 @@ def add_carbon(plan: RunPlan, trees: gpd.GeoDataFrame):
     out = gpd.GeoDataFrame(pd.DataFrame(out).reset_index(drop=True),
                            geometry=trees.geometry.reset_index(drop=True).to_numpy(), crs=plan.crs)
     out.attrs = {}
-    result.trees = out
+    result.trees = compact_labels(out)
     del table, trees
     release_free_heap()
     return result

@@ -32,3 +32,23 @@ def test_resident_size_is_reported_on_linux():
         assert rss is not None and 10 < rss < 100_000
     else:
         assert rss is None
+
+
+def test_compact_labels_keeps_values_and_stores_codes():
+    import pandas as pd
+
+    from pipeline.memory import compact_labels
+
+    n = 5000
+    df = pd.DataFrame({"species": ["Pinus palustris", "Quercus laevis"] * (n // 2),
+                       "tree_id": range(n), "note": [f"t{i}" for i in range(n)],
+                       "mixed": [1, "a"] * (n // 2), "level": ["genus", None] * (n // 2)})
+    before = df.copy()
+    deep = df.memory_usage(deep=True)
+    compact_labels(df, max_unique=256)
+    assert isinstance(df["species"].dtype, pd.CategoricalDtype)
+    assert isinstance(df["level"].dtype, pd.CategoricalDtype) and df["level"].isna().sum() == n // 2
+    assert not isinstance(df["note"].dtype, pd.CategoricalDtype)  # 5,000 distinct values: left as text
+    assert df["mixed"].dtype == object and df["tree_id"].dtype == before["tree_id"].dtype
+    assert df.astype(object).where(df.notna(), None).equals(before.astype(object).where(before.notna(), None))
+    assert df.memory_usage(deep=True)["species"] < deep["species"] / 10
