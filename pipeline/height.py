@@ -24,6 +24,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from pipeline.errors import InputError
+from pipeline.memory import release_free_heap
 
 PERCENTILE = 95.0
 
@@ -153,4 +154,5 @@ def crown_heights(crowns_gdf: gpd.GeoDataFrame, chm: str | os.PathLike | None = 
                     if 0 <= r < values.shape[0] and 0 <= c < values.shape[1]:
                         h[k] = values[r, c]
             heights[idx] = h
+            release_free_heap()  # this thread's arena fragments beside the species thread's otherwise
     return heights, source

@@ -16,6 +16,7 @@ from affine import Affine
 from PIL import Image
 from rasterio.windows import Window
 
+from pipeline.memory import release_free_heap
 from pipeline.onnx_model import OnnxModel
 from pipeline.raster import Ortho
 
@@ -121,6 +122,7 @@ def classify_crowns(model: OnnxModel | None, ortho: Ortho, crowns_gdf: gpd.GeoDa
                 pending.append((int(i), chip))
                 if len(pending) == batch_size:
                     flush(runs)
+            release_free_heap()  # per block: chip temporaries would otherwise pile up as fragmented heap
         flush(runs)
         for idx, fut in running:
             probs[idx] = fut.result()
