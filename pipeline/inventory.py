@@ -496,7 +496,7 @@ def add_carbon(plan: RunPlan, trees: gpd.GeoDataFrame):
                            geometry=trees.geometry.reset_index(drop=True).to_numpy(), crs=plan.crs)
     out.attrs = {}
     result.trees = compact_labels(out)
-    del table, trees
+    del table
     release_free_heap()
     return result
 

@@ -47,19 +47,16 @@ def resident_mb() -> float | None:
     return None
 
 
-def compact_labels(frame, max_unique: int = 256, skip: tuple[str, ...] = ()):
+def compact_labels(frame, max_unique: int = 256):
     """``frame`` with every text column of at most ``max_unique`` distinct values stored as a pandas
     categorical (one small integer code per row instead of one string per row: about 70 B less per tree
     and column). Values, order and missing entries are unchanged; returns the same object."""
     import pandas as pd
 
     for col in frame.columns:
-        if col in skip or col == getattr(frame, "_geometry_column_name", None):
-            continue
         series = frame[col]
-        if (pd.api.types.is_string_dtype(series) or series.dtype == object) and \
-                not isinstance(series.dtype, pd.CategoricalDtype) and series.nunique() <= max_unique:
-            if series.dtype == object and not all(isinstance(v, str | type(None)) for v in series):
-                continue
+        # is_string_dtype is False for object columns holding anything but strings (and missing values)
+        if pd.api.types.is_string_dtype(series) and not isinstance(series.dtype, pd.CategoricalDtype) \
+                and series.nunique() <= max_unique:
             frame[col] = series.astype("category")
     return frame
