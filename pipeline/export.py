@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 import geopandas as gpd
@@ -36,8 +37,10 @@ from rasterio.windows import Window
 from shapely.geometry import box
 
 from pipeline.atomic import atomic_path
+from pipeline.crown_store import crown_source
 
 # Per-crown properties in crowns.geojson: the engine's contract (issue 2) and the carbon contract (issue 5).
+CROWN_MASK_CACHE_MB = 16  # GDAL block cache while writing crown_mask.tif (the run's default is 64 MB)
 CROWN_PROPERTIES = ["tree_id", "species", "species_prob", "score", "crown_area_m2", "crown_diameter_m",
                     "height_m", "height_source", "dbh_cm", "agb_kg", "agb_kg_sd", "carbon_kg", "co2e_kg"]
 CARBON_PROPERTIES = ["wood_density", "wood_density_level", "dbh_model", "agb_model", "bgb_kg", "agb_kg_p5",
@@ -73,15 +76,16 @@ def _clean_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df[_storable_columns(df)]
 
 
-def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int = 1000) -> Path:
+def write_geojson(path: str | os.PathLike, crowns: Any, chunk: int = 1000) -> Path:
     """RFC 7946 GeoJSON: WGS84 lon/lat rounded to 7 decimals (~1 cm), no ``crs`` member, exterior rings
-    counter-clockwise, NaN written as null; one Feature per tree (vectorised: GEOS writes the geometries)."""
-    cols = [c for c in CROWN_PROPERTIES + CARBON_PROPERTIES if c in crowns.columns] + \
-        [c for c in ("lon", "lat", "cell_id", "plot_id") if c in crowns.columns]
+    counter-clockwise, NaN written as null; one Feature per tree (vectorised: GEOS writes the geometries).
+    ``crowns``: a GeoDataFrame or ``StoredCrowns``."""
+    src = crown_source(crowns)
+    cols = [c for c in CROWN_PROPERTIES + CARBON_PROPERTIES if c in src.columns] + \
+        [c for c in ("lon", "lat", "cell_id", "plot_id") if c in src.columns]
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write('{"type":"FeatureCollection","features":[')
-        for start in range(0, len(crowns), chunk):  # bounded memory for any number of crowns
-            part = crowns.iloc[start:start + chunk]
+        for start, part in zip(range(0, len(src), chunk), src.chunks(chunk), strict=True):  # bounded memory
             lonlat = shapely.orient_polygons(part.geometry.to_crs(4326).to_numpy())
             lonlat = shapely.transform(lonlat, lambda xy: np.round(xy, 7))
             props = pd.DataFrame(part[cols]).to_json(orient="records", lines=True, double_precision=10)
@@ -93,13 +97,14 @@ def write_geojson(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int 
     return Path(path)
 
 
-def write_csv(path: str | os.PathLike, crowns: gpd.GeoDataFrame, chunk: int = 2000) -> Path:
+def write_csv(path: str | os.PathLike, crowns: Any, chunk: int = 2000) -> Path:
     """One row per tree, no geometry; centroid as x/y (working CRS) and lon/lat (WGS84). Written ``chunk``
     rows at a time, so the text copy of the table never exists whole in memory."""
-    cols = [c for c in _storable_columns(crowns) if c != crowns.geometry.name]
+    table = crown_source(crowns).table
+    cols = _storable_columns(table)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-        for start in range(0, max(len(crowns), 1), chunk):
-            df = pd.DataFrame(crowns.iloc[start:start + chunk][cols])
+        for start in range(0, max(len(table), 1), chunk):
+            df = pd.DataFrame(table.iloc[start:start + chunk][cols])
             digits = {c: 8 if c in ("lon", "lat") else 3 if c in ("x", "y") else 6
                       for c in df.columns if pd.api.types.is_float_dtype(df[c])}
             df.round(digits).to_csv(fh, index=False, header=start == 0)
@@ -132,12 +137,18 @@ def crowns_qml(species: Sequence[str], field: str = "species") -> str:
             '</qgis>\n')
 
 
-def write_gpkg(path: str | os.PathLike, crowns: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None,
-               species: pd.DataFrame | None, summary: dict, plots: gpd.GeoDataFrame | None = None) -> Path:
-    """inventory.gpkg: ``crowns`` (projected CRS), ``grid``, ``species``, ``summary``, ``layer_styles``."""
+def write_gpkg(path: str | os.PathLike, crowns: Any, grid: gpd.GeoDataFrame | None,
+               species: pd.DataFrame | None, summary: dict, plots: gpd.GeoDataFrame | None = None,
+               chunk: int = 5000) -> Path:
+    """inventory.gpkg: ``crowns`` (projected CRS; a GeoDataFrame or ``StoredCrowns``, appended ``chunk``
+    at a time), ``grid``, ``species``, ``summary``, ``layer_styles``."""
+    src = crown_source(crowns)
+    cols = None
     with atomic_path(path) as tmp:
-        pyogrio.write_dataframe(_clean_frame(crowns), tmp, layer="crowns", driver="GPKG",
-                                promote_to_multi=False)
+        for i, part in enumerate(src.chunks(chunk) if len(src) else [src.to_geodataframe()]):
+            cols = cols or _storable_columns(part)  # one schema for every chunk
+            pyogrio.write_dataframe(part[cols], tmp, layer="crowns", driver="GPKG", promote_to_multi=False,
+                                    append=i > 0)
         if grid is not None:
             pyogrio.write_dataframe(_clean_frame(grid), tmp, layer="grid", driver="GPKG")
         if plots is not None:
@@ -151,7 +162,7 @@ def write_gpkg(path: str | os.PathLike, crowns: gpd.GeoDataFrame, grid: gpd.GeoD
         style = pd.DataFrame([{
             "f_table_catalog": "", "f_table_schema": "", "f_table_name": "crowns",
             "f_geometry_column": "geom", "styleName": "crowns by species",
-            "styleQML": crowns_qml(list(crowns["species"]) if "species" in crowns else []),
+            "styleQML": crowns_qml(list(src.table["species"].unique()) if "species" in src.columns else []),
             "styleSLD": "", "useAsDefault": True, "description": "forest-inventory default style",
             "owner": "", "ui": "", "update_time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         }])
@@ -159,20 +170,23 @@ def write_gpkg(path: str | os.PathLike, crowns: gpd.GeoDataFrame, grid: gpd.GeoD
     return Path(path)
 
 
-def write_crown_mask(path: str | os.PathLike, crowns: gpd.GeoDataFrame, width: int, height: int,
-                     transform: Affine, crs: CRS | str, block_px: int = 2048) -> Path:
-    """COG of uint32 ``tree_id`` labels (nodata 0) on the working grid, rasterised one block at a time."""
+def write_crown_mask(path: str | os.PathLike, crowns: Any, width: int, height: int,
+                     transform: Affine, crs: CRS | str, block_px: int = 1024) -> Path:
+    """COG of uint32 ``tree_id`` labels (nodata 0) on the working grid, rasterised one block at a time.
+
+    Memory: one ``block_px`` block, a spatial index of the crowns' boxes, and GDAL's overview strips; GDAL's
+    block cache is held to ``CROWN_MASK_CACHE_MB`` while the COG is copied from the stage file."""
     path = Path(path)
     crs = CRS.from_user_input(crs)
-    geoms = crowns.geometry.to_numpy()
-    ids = crowns["tree_id"].to_numpy().astype(np.uint32)
-    sindex = crowns.sindex if len(crowns) else None
+    src = crown_source(crowns)
+    ids = src.table["tree_id"].to_numpy().astype(np.uint32)
+    sindex = _bounds_index(src)
     stage = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.stage.tif")
     try:
         profile = {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint32",
-                   "crs": crs, "transform": transform, "nodata": 0, "tiled": True, "blockxsize": 512,
-                   "blockysize": 512, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
-        with rasterio.open(stage, "w", **profile) as dst:
+                   "crs": crs, "transform": transform, "nodata": 0, "tiled": True, "blockxsize": 256,
+                   "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+        with rasterio.open(stage, "w", **profile) as dst:  # (GDAL's rasterize sizes its chunks by the cache)
             for r0 in range(0, height, block_px):
                 for c0 in range(0, width, block_px):
                     win = Window(c0, r0, min(block_px, width - c0), min(block_px, height - r0))
@@ -181,13 +195,14 @@ def write_crown_mask(path: str | os.PathLike, crowns: gpd.GeoDataFrame, width: i
                     if sindex is not None:
                         left, top = wt.c, wt.f
                         bounds = (left, top + wt.e * win.height, left + wt.a * win.width, top)
-                        hits = sindex.query(box(*bounds), predicate="intersects")
-                        if hits.size:
+                        hits = np.sort(sindex.query(box(*bounds), predicate="intersects"))
+                        if hits.size:  # later crowns cover earlier ones, as in one whole-image pass
                             block = rasterio.features.rasterize(
-                                zip(geoms[hits], ids[hits], strict=True), out_shape=block.shape,
+                                zip(src.geometries(hits), ids[hits], strict=True), out_shape=block.shape,
                                 transform=wt, fill=0, dtype="uint32")
                     dst.write(block, 1, window=win)
-        with atomic_path(path) as tmp:
+        del sindex, ids  # the COG copy below is the writer's peak: nothing else held
+        with rasterio.Env(GDAL_CACHEMAX=CROWN_MASK_CACHE_MB), atomic_path(path) as tmp:
             rasterio.shutil.copy(stage, tmp, driver="COG", compress="DEFLATE", predictor="2", blocksize=512,
                                  overview_resampling="nearest", num_threads=1, BIGTIFF="IF_SAFER")
     finally:
@@ -195,44 +210,73 @@ def write_crown_mask(path: str | os.PathLike, crowns: gpd.GeoDataFrame, width: i
     return path
 
 
+def _bounds_index(src: Any) -> shapely.STRtree | None:
+    """STRtree of the crowns' bounding boxes (the polygons stay where they are)."""
+    return shapely.STRtree(shapely.box(*src.bounds.T)) if len(src) else None
+
+
+def _draw_outlines(img: np.ndarray, src: Any, colour_of: np.ndarray, transform: Affine,
+                   strip_px: int) -> None:
+    """Colour, in ``img`` [h, w, 3], every crown pixel next to a pixel of another label (all-touched
+    rasterisation; crown i is label i + 1 and later crowns cover earlier ones); ``colour_of`` [n + 1, 3]."""
+    h, w = img.shape[:2]
+    tree = _bounds_index(src)
+    for r0 in range(0, h, strip_px):
+        r1 = min(h, r0 + strip_px)
+        a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one-row halo: outlines on strip edges as in one piece
+        st = transform @ Affine.translation(0, a0)
+        corners = [st @ (0, 0), st @ (w, a1 - a0)]
+        xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+        hits = np.sort(tree.query(box(min(xs), min(ys), max(xs), max(ys)), predicate="intersects"))
+        if not hits.size:
+            continue
+        labels = np.zeros((a1 - a0, w), dtype=np.int32)
+        for start in range(0, hits.size, 2000):  # GDAL's input is built as Python objects: in chunks
+            part = hits[start:start + 2000]
+            rasterio.features.rasterize(zip(src.geometries(part), part + 1, strict=True), out=labels,
+                                        transform=st, all_touched=True)
+        edge = np.zeros(labels.shape, dtype=bool)
+        edge[1:] |= labels[1:] != labels[:-1]
+        edge[:-1] |= labels[:-1] != labels[1:]
+        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+        edge &= labels > 0
+        rows = slice(r0 - a0, r1 - a0)
+        inner = edge[rows]
+        img[r0:r1][inner] = colour_of[labels[rows][inner]]
+
+
 def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray, transform: Affine,
-                    crs: CRS | str, crowns: gpd.GeoDataFrame, min_px: int = 1024) -> Path:
+                    crs: CRS | str, crowns: Any, min_px: int = 1024, strip_px: int = 256) -> Path:
     """PNG of a decimated ortho (``rgb`` [3, h, w] uint8 on ``transform``) with crown outlines coloured by
-    species, plus a world file (.wld) and a .png.aux.xml carrying the CRS so GIS places it."""
+    species, plus a world file (.wld) and a .png.aux.xml carrying the CRS so GIS places it.
+
+    Outlines are drawn in strips of ``strip_px`` rows (one-row halo), so the label raster behind them is a
+    strip, not the whole picture."""
     path = Path(path)
     k = max(1, min_px // max(valid.shape))  # small scenes: enlarge (nearest) so outlines stay thin
     if k > 1:
         rgb = np.repeat(np.repeat(rgb, k, axis=1), k, axis=2)
         valid = np.repeat(np.repeat(valid, k, axis=0), k, axis=1)
         transform = transform @ Affine.scale(1 / k)
-    img = np.where(valid[None], rgb, 255).astype(np.uint8)
-    if len(crowns):
-        species = list(crowns["species"]) if "species" in crowns else ["unknown"] * len(crowns)
+    img = np.where(valid[..., None], rgb.transpose(1, 2, 0), np.uint8(255)).astype(np.uint8, copy=False)
+    del rgb, valid
+    src = crown_source(crowns)
+    if len(src):
+        species = list(src.table["species"]) if "species" in src.columns else ["unknown"] * len(src)
         colours = species_colours(species)
         names = sorted(colours)
         code = {n: i + 1 for i, n in enumerate(names)}
-        labels = np.zeros(valid.shape, dtype=np.int32)
-        geoms = crowns.geometry.to_numpy()
-        for start in range(0, len(geoms), 2000):  # in chunks: GDAL's input is built as Python objects
-            part = geoms[start:start + 2000]
-            rasterio.features.rasterize(zip(part, range(start + 1, start + 1 + len(part)), strict=True),
-                                        out=labels, transform=transform, all_touched=True)
-        edge = np.zeros(labels.shape, dtype=bool)  # a crown pixel next to another label is on its outline
-        edge[1:] |= labels[1:] != labels[:-1]
-        edge[:-1] |= labels[:-1] != labels[1:]
-        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-        edge &= labels > 0
         palette = np.array([(0, 0, 0)] + [colours[n] for n in names], dtype=np.uint8)
-        code_of = np.array([0] + [code[s] for s in species], dtype=np.int64)
-        img[:, edge] = palette[code_of[labels[edge]]].T
+        colour_of = palette[np.array([0] + [code[s] for s in species], dtype=np.int64)]  # by label
+        _draw_outlines(img, src, colour_of, transform, strip_px)
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
     wld = "\n".join(f"{v:.10f}" for v in (a, d, b, e, c + a / 2 + b / 2, f + d / 2 + e / 2)) + "\n"
     aux = f"<PAMDataset>\n  <SRS>{escape(CRS.from_user_input(crs).to_wkt())}</SRS>\n</PAMDataset>\n"
     aux_path = path.with_name(path.name + ".aux.xml")
     with atomic_path(path.with_suffix(".wld")) as tmp_wld, atomic_path(aux_path) as tmp_aux, \
             atomic_path(path) as tmp_png:
-        Image.fromarray(img.transpose(1, 2, 0)).save(tmp_png, format="PNG", compress_level=1)
+        Image.fromarray(img).save(tmp_png, format="PNG", compress_level=1)
         tmp_wld.write_text(wld)
         tmp_aux.write_text(aux)
     return path

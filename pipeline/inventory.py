@@ -29,6 +29,7 @@ import pyogrio
 
 import pipeline
 from pipeline.atomic import atomic_path
+from pipeline.crown_store import StoredCrowns
 from pipeline.crowns import DEFAULTS as CROWN_DEFAULTS
 from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs, resolve_seam_overlaps
 from pipeline.errors import InputError
@@ -403,9 +404,10 @@ def collect_crowns(plan: RunPlan, group_paths: list[Path]) -> gpd.GeoDataFrame:
     return crowns
 
 
-def add_attributes(plan: RunPlan, crowns: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+def add_attributes(plan: RunPlan, crowns: gpd.GeoDataFrame) -> StoredCrowns:
     """Species (``species``, ``species_prob``; class probabilities in ``attrs``) and height (``height_m``,
-    ``height_source``) per crown."""
+    ``height_source``) per crown. The later stages need the polygons only to write them, so they leave
+    memory here: the trees come back as a table plus a polygon file in the run's work folder."""
     from pipeline.height import crown_heights
     from pipeline.species import classify_crowns
 
@@ -423,8 +425,11 @@ def add_attributes(plan: RunPlan, crowns: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     trees.attrs["species_probs"] = probs
     trees.attrs["species_classes"] = list(plan.species_meta.class_names) if plan.species_meta else []
     compact_labels(trees)
+    del crowns
+    stored = StoredCrowns.spill(trees, plan.groups_dir)
+    del trees
     release_free_heap()
-    return trees
+    return stored
 
 
 def _read_plots(path: Path) -> gpd.GeoDataFrame:
@@ -469,12 +474,16 @@ def tree_groups(plan: RunPlan, trees: pd.DataFrame) -> tuple[dict[str, np.ndarra
     return groups, info
 
 
-def add_carbon(plan: RunPlan, trees: gpd.GeoDataFrame):
+def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
     """Biomass, carbon and CO2e per tree and per group through ``pipeline.carbon.estimate_carbon``.
 
-    Returns the ``CarbonResult`` with ``trees`` as a GeoDataFrame (crown polygons, working CRS)."""
+    Returns the ``CarbonResult`` with ``trees`` in the form given (``StoredCrowns``: the same polygon file
+    with the new table; a GeoDataFrame: crown polygons, working CRS)."""
     from pipeline.carbon import CarbonConfig, estimate_carbon
 
+    stored = trees if isinstance(trees, StoredCrowns) else None
+    if stored is not None:
+        trees = stored.table
     groups, _ = tree_groups(plan, trees)
     extra = dict(plan.config.carbon)
     fields = getattr(CarbonConfig, "__dataclass_fields__", {})
@@ -486,16 +495,21 @@ def add_carbon(plan: RunPlan, trees: gpd.GeoDataFrame):
     for key, value in defaults.items():
         if key in fields:
             extra.setdefault(key, value)
-    table = pd.DataFrame(trees.drop(columns=trees.geometry.name))
+    geometry = getattr(trees, "geometry", None) if stored is None else None
+    table = pd.DataFrame(trees.drop(columns=geometry.name) if geometry is not None else trees, copy=False)
     table.attrs = {}
     result = estimate_carbon(table, CarbonConfig(**extra), groups)
     out = result.trees
     if len(out) != len(trees) or not np.array_equal(out["tree_id"].to_numpy(), trees["tree_id"].to_numpy()):
         out = out.set_index("tree_id").loc[trees["tree_id"].to_numpy()].reset_index()
-    out = gpd.GeoDataFrame(pd.DataFrame(out).reset_index(drop=True),
-                           geometry=trees.geometry.reset_index(drop=True).to_numpy(), crs=plan.crs)
+    out = pd.DataFrame(out).reset_index(drop=True)
     out.attrs = {}
-    result.trees = compact_labels(out)
+    compact_labels(out)
+    if stored is not None:
+        result.trees = StoredCrowns(out, stored.store, stored.crs)
+    else:
+        result.trees = gpd.GeoDataFrame(out, geometry=geometry.reset_index(drop=True).to_numpy(),
+                                        crs=plan.crs)
     del table
     release_free_heap()
     return result
@@ -609,9 +623,10 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
     from pipeline import export
 
     trees = result.trees
-    if not isinstance(trees, gpd.GeoDataFrame):
+    if not isinstance(trees, gpd.GeoDataFrame | StoredCrowns):
         trees = gpd.GeoDataFrame(trees, geometry="geometry", crs=plan.crs)
-    _, info = tree_groups(plan, trees)
+    table = trees.table if isinstance(trees, StoredCrowns) else trees  # the attributes, in memory
+    _, info = tree_groups(plan, table)
     grid = _with_group_totals(info["grid"], _group_table(result, "cell"))
     species_table = _group_table(result, "species")
     if species_table is not None and "species" not in species_table.columns:
@@ -659,7 +674,7 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
         except ImportError:
             write_report = None
         if write_report is not None:
-            write_report(stage / "report.html", summary, trees, getattr(result, "groups", {}),
+            write_report(stage / "report.html", summary, table, getattr(result, "groups", {}),
                          grid=info["grid"], carbon=result, cell_m=plan.config.cell_m)
             summary["outputs"].append("report.html")
         step()
@@ -672,6 +687,8 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
         for name in OUTPUT_NAMES:
             if (stage / name).exists():
                 os.replace(stage / name, out / name)
+        if isinstance(trees, StoredCrowns):
+            trees.store.remove()  # the polygons are in the outputs now
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return summary

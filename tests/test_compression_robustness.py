@@ -11,7 +11,12 @@ rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models.compression.finetune import finetune, iterative_ratios, rewound_schedule  # noqa: E402
+from models.compression.finetune import (  # noqa: E402
+    distillation_loss,
+    finetune,
+    iterative_ratios,
+    rewound_schedule,
+)
 from models.compression.report import selection, write_report  # noqa: E402
 from models.compression.robustness import SHIFTS, prune_potential, write_shifted  # noqa: E402
 from models.compression.unstructured import apply_masks  # noqa: E402
@@ -101,6 +106,29 @@ def test_finetune_reduces_loss_and_keeps_masked_weights_zero():
     )
     assert rec["steps"] == 40 and rec["loss_last"] < rec["loss_first"]
     assert (net[0].weight[~mask] == 0).all()
+
+
+def test_distillation_loss_is_zero_for_the_teacher_and_pulls_a_student_towards_it():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 3, 1))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert distillation_loss(teacher(x), teacher, x, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    # known value: one pixel, teacher (0, 0) vs student (log 3, 0) at T = 1 -> KL([.5, .5] || [.75, .25])
+    one = torch.nn.Conv2d(1, 2, 1, bias=False)
+    torch.nn.init.zeros_(one.weight)
+    student_logits = torch.tensor([np.log(3.0), 0.0]).reshape(1, 2, 1, 1)
+    kl = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
+    assert distillation_loss(student_logits, one, torch.zeros(1, 1, 1, 1), 1.0).item() == pytest.approx(kl)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    y = torch.zeros(4, 8, 8, dtype=torch.long)
+    before = distillation_loss(student(x), teacher, x, 2.0).item()
+    rec = finetune(student, lambda i: (x, y), torch.nn.functional.cross_entropy, 60, 1e-2, lambda i: 1.0,
+                   teacher=teacher, distill_weight=1.0)
+    with torch.no_grad():
+        assert distillation_loss(student(x), teacher, x, 2.0).item() < before
+    assert rec["distillation"] == {"weight": 1.0, "temperature": 2.0}
 
 
 def _results():

@@ -210,7 +210,7 @@ def test_chm_heights_in_engine(tmp_path, scene, write_geotiff, models):
     chm_path = write_geotiff(tmp_path / "chm.tif", other, dst_t, "EPSG:32616", nodata=-9999)
     plan = inventory.validate(config(ortho, tmp_path / "out", models, chm=chm_path))
     crowns = inventory.collect_crowns(plan, run_groups(plan))
-    trees = inventory.add_attributes(plan, crowns)
+    trees = inventory.add_attributes(plan, crowns).table  # polygons went to disk; the table has the rest
     plan.close()
     assert (trees["height_source"] == "chm").all()
     for k, (r, c, _, _) in enumerate(discs):

@@ -46,6 +46,7 @@ class StudyConfig:
     round_to: int | None = 8
     alds_k_max: int = 8
     tag: str = ""  # suffix of the run keys/files, e.g. "-ft100" for a longer fine-tune of the same method
+    distill: float = 0.0  # weight of distillation from the dense model in the fine-tune loss (0: none)
     threads: int = 2
     image: str = "sample_data/OSBS_029.tif"
     truth: str = "sample_data/OSBS_029.csv"
@@ -57,17 +58,18 @@ class CrownData:
 
     def __init__(self, train_cfg, batch_size: int):
         from models.datasets.savanna import crown_bank
-        from models.train_crowns import load_scenes
+        from models.train_crowns import load_scenes, load_synthetic_scenes
 
         self.cfg = copy.deepcopy(train_cfg)
         self.cfg.batch_size = batch_size
         self.scenes = load_scenes(self.cfg)
         self.bank = crown_bank(self.scenes)
+        self.synthetic = load_synthetic_scenes(self.cfg)  # the same mix the dense model trained on
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         from models.train_crowns import make_batch, normalise
 
-        x, y = make_batch(step, self.cfg, self.scenes, self.bank)
+        x, y = make_batch(step, self.cfg, self.scenes, self.bank, self.synthetic)
         return normalise(x), y
 
     def calibration(self, n: int, px: int, offset: int = 10_000_000) -> list[torch.Tensor]:
@@ -87,7 +89,7 @@ class CrownData:
         out = []
         step = 0
         while len(out) < n:
-            x, _ = make_batch(offset + step, self.cfg, self.scenes, self.bank)
+            x, _ = make_batch(offset + step, self.cfg, self.scenes, self.bank, self.synthetic)
             for img in x.clamp(0, 255).byte().numpy():
                 tile = np.zeros((3, size, size), np.uint8)
                 h, w = min(size, img.shape[1]), min(size, img.shape[2])
@@ -122,9 +124,11 @@ def run_finetune(
     step_offset: int = 5_000_000,
     log=print,
     total_steps: int | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
 ) -> dict:
     """LR-rewinding fine-tune: replay the ``steps`` schedule steps before ``total_steps`` (default: the
-    configured iterations) of the crown model's own LR schedule."""
+    configured iterations) of the crown model's own LR schedule; with a ``teacher``, distil from it."""
     from models.train_crowns import _lr_factor
 
     total = int(total_steps or train_cfg.iterations)
@@ -140,6 +144,8 @@ def run_finetune(
         masks=masks,
         time_limit_s=seconds,
         log=log,
+        teacher=teacher,
+        distill_weight=distill_weight,
     )
     rec["lr_rewinding"] = f"LR schedule replayed from step {max(0, total - steps)} to {total}"
     return rec
@@ -271,6 +277,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                 masks=masks,
                 log=log,
                 total_steps=total,
+                teacher=dense_net if cfg.distill > 0 else None,
+                distill_weight=cfg.distill,
             )
             res.details["finetune"] = ft
             from models.compression.cost import count_cost
@@ -440,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch/ORT threads")
     ap.add_argument("--tag", default="", help="suffix of run keys and files (e.g. -ft100)")
     ap.add_argument("--shifts", default=",".join(SHIFTS), help="comma-separated shift names")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of distillation from the dense model in the fine-tune loss (0: none)")
     a = ap.parse_args(argv)
     cfg = StudyConfig(
         checkpoint=a.checkpoint,
@@ -453,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=a.threads,
         shifts=a.shifts.split(","),
         tag=a.tag,
+        distill=a.distill,
     )
     if a.reevaluate:
         reevaluate(cfg)

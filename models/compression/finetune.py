@@ -4,6 +4,10 @@ LR rewinding (Renda et al., 2020, as used in the PFP/ALDS retraining): after pru
 trained for E steps, retrain it for r steps with the ORIGINAL schedule's learning rates of steps
 [E - r, E], i.e. the schedule is rewound by r steps and replayed to its end (weights are not rewound).
 SiPP masks are re-applied after every optimiser step so pruned weights stay zero.
+
+Knowledge distillation (Hinton et al., 2015) is optional: with a ``teacher`` (the dense network), the loss
+is (1 - a) * task loss + a * T^2 * KL(teacher || student) of the per-pixel class distributions softened
+by temperature T, so the pruned network learns the dense one's soft boundaries, not only the labels.
 """
 
 from __future__ import annotations
@@ -37,12 +41,18 @@ def finetune(
     masks: dict[str, torch.Tensor] | None = None,
     time_limit_s: float | None = None,
     log: Callable[[str], None] | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
+    temperature: float = 2.0,
 ) -> dict:
     """Train ``net`` in place for ``steps`` AdamW steps with LR ``lr * lr_factor(i)``.
 
-    ``batch_at(i)`` returns (inputs, targets) for step i; stops early at ``time_limit_s``. Returns a
-    record {"steps", "seconds", "loss_first", "loss_last"}.
+    ``batch_at(i)`` returns (inputs, targets) for step i; stops early at ``time_limit_s``. With a
+    ``teacher``, the loss mixes in distillation (module docstring). Returns a record {"steps", "seconds",
+    "loss_first", "loss_last"} (plus "distillation" with a teacher).
     """
+    if teacher is not None:
+        teacher.eval()
     opt = torch.optim.AdamW(
         [p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
     )
@@ -53,7 +63,11 @@ def finetune(
     done = 0
     for i in range(steps):
         x, y = batch_at(i)
-        loss = loss_fn(net(x), y)
+        out = net(x)
+        loss = loss_fn(out, y)
+        if teacher is not None:
+            soft = distillation_loss(out, teacher, x, temperature)
+            loss = (1.0 - distill_weight) * loss + distill_weight * soft
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,12 +82,25 @@ def finetune(
             break
     net.eval()
     tail = losses[-10:] or [float("nan")]
-    return {
+    rec = {
         "steps": done,
         "seconds": round(time.time() - t0, 1),
         "loss_first": losses[0] if losses else None,
         "loss_last": sum(tail) / len(tail),
     }
+    if teacher is not None:
+        rec["distillation"] = {"weight": distill_weight, "temperature": temperature}
+    return rec
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the class distributions (dim 1) softened by T, mean over pixels."""
+    with torch.no_grad():
+        soft_teacher = torch.log_softmax(teacher(x) / temperature, dim=1)
+    soft_student = torch.log_softmax(student_logits / temperature, dim=1)
+    kl = (soft_teacher.exp() * (soft_teacher - soft_student)).sum(dim=1)
+    return kl.mean() * temperature**2
 
 
 def iterative_ratios(final_ratio: float, n_steps: int) -> list[float]:
