@@ -502,7 +502,8 @@ def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
     out = result.trees
     if len(out) != len(trees) or not np.array_equal(out["tree_id"].to_numpy(), trees["tree_id"].to_numpy()):
         out = out.set_index("tree_id").loc[trees["tree_id"].to_numpy()].reset_index()
-    out = pd.DataFrame(out).reset_index(drop=True)
+    out = pd.DataFrame(out)
+    out.index = pd.RangeIndex(len(out))  # (reset_index would copy the whole table)
     out.attrs = {}
     compact_labels(out)
     if stored is not None:

@@ -23,6 +23,7 @@ from pipeline.carbon import standards
 from pipeline.carbon.montecarlo import McInputs, SharedFactors, interval_stats, run_monte_carlo
 from pipeline.carbon.wood_density import WoodDensityTable, plant_group_of
 from pipeline.errors import InputError
+from pipeline.memory import compact_labels
 
 AGB_MODELS = ("chave2014_eq4", "jucker2017_hcd")
 REPORTING_N_DRAWS = 10_000  # draws for reported numbers (ART-TREES asks for 10,000); 1,000 by default
@@ -261,7 +262,7 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
 
     main = _chain(h, cd, rho, rho_sd, pg, sigma_h, config, config.agb_model)
     alt_model = next(m for m in AGB_MODELS if m != config.agb_model)
-    alt = _chain(h, cd, rho, rho_sd, pg, sigma_h, config, alt_model)
+    alt_agb = _chain(h, cd, rho, rho_sd, pg, sigma_h, config, alt_model)["agb_kg"]  # only its point values
 
     # species drawn from the classifier's probabilities
     probs_k = ln_k = var_k = None
@@ -312,6 +313,7 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
                  param_sd=main["param_sd"], plant_group=pg, species_probs=probs_k, ln_point_k=ln_k,
                  noise_var_k=var_k),
         shared, groups, n_draws=config.n_draws, seed=config.seed, threads=config.threads)
+    del probs_k, ln_k, var_k, main["loadings"], main["noise_var"]  # the draws are done: ~170 B a tree back
 
     cf_tree = np.where(pg == 1, config.carbon_fraction["gymnosperm"], config.carbon_fraction["angiosperm"])
     out = t
@@ -329,12 +331,13 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
     out["agb_kg_p5"] = mc.agb_p5
     out["agb_kg_p95"] = mc.agb_p95
     out["agb_mc_centring"] = mc.centring
-    out[f"agb_{alt_model}_kg"] = alt["agb_kg"]
+    out[f"agb_{alt_model}_kg"] = alt_agb
     out["root_shoot_ratio"] = r
     out["bgb_kg"] = al.bgb_kg(out["agb_kg"].to_numpy(), r)
     out["carbon_fraction"] = cf_tree
     out["carbon_kg"] = al.carbon_kg(out["agb_kg"].to_numpy(), out["bgb_kg"].to_numpy(), cf_tree)
     out["co2e_kg"] = al.co2e_kg(out["carbon_kg"].to_numpy())
+    compact_labels(out)  # repeated labels (sources, models, levels) as categoricals: ~70 B a tree and column
 
     group_frames = {}
     for name, ids in groups.items():
@@ -357,7 +360,7 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
         total["co2e_t_per_ha"] = total["co2e_t"] / config.area_ha
     rules = standards.conservative_estimates(total["co2e_t"], total["co2e_halfwidth90_pct"],
                                              total["co2e_halfwidth95_pct"])
-    alt_total_t = float(alt["agb_kg"].sum() / 1000)
+    alt_total_t = float(alt_agb.sum() / 1000)
     sensitivity = {"agb_model": config.agb_model, "alternative_model": alt_model,
                    "agb_t": total["agb_t"], "alternative_agb_t": alt_total_t,
                    "alternative_minus_main_pct": (alt_total_t / total["agb_t"] - 1) * 100

@@ -37,7 +37,7 @@ from pipeline.carbon.allometry import CO2_PER_C
 
 # Elements (trees x draws) per chunk: bounds the memory to about 15 MB per worker. 1 << 20 held 140 MB at
 # 23,800 trees with species draws (4 chunks in flight); 1 << 18 holds 58 MB for 20 % more time.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 16
 Z95 = 1.6448536269514722  # standard normal 95th percentile
 
 
