@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ class StoredCrowns:
     def __init__(self, table: pd.DataFrame, store: CrownStore, crs: Any) -> None:
         if len(table) != len(store):
             raise ValueError(f"{len(table)} rows but {len(store)} polygons")
-        self.table = table.reset_index(drop=True)
+        self.table = _positional(table)
         self.store = store
         self.crs = CRS.from_user_input(crs) if crs is not None else None
 
@@ -151,13 +152,13 @@ class InMemoryCrowns:
     """A GeoDataFrame behind the :class:`StoredCrowns` interface."""
 
     def __init__(self, crowns: gpd.GeoDataFrame) -> None:
-        self.frame = crowns.reset_index(drop=True)
+        self.frame = _positional(crowns)
         self.crs = crowns.crs
 
     def __len__(self) -> int:
         return len(self.frame)
 
-    @property
+    @cached_property
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.frame.drop(columns=self.frame.geometry.name))
 
@@ -178,6 +179,11 @@ class InMemoryCrowns:
 
     def to_geodataframe(self) -> gpd.GeoDataFrame:
         return self.frame
+
+
+def _positional(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` indexed 0..n-1 (a copy only when its index is something else)."""
+    return frame if frame.index.equals(pd.RangeIndex(len(frame))) else frame.reset_index(drop=True)
 
 
 def crown_source(crowns: Any) -> StoredCrowns | InMemoryCrowns:

@@ -143,12 +143,11 @@ def write_gpkg(path: str | os.PathLike, crowns: Any, grid: gpd.GeoDataFrame | No
     """inventory.gpkg: ``crowns`` (projected CRS; a GeoDataFrame or ``StoredCrowns``, appended ``chunk``
     at a time), ``grid``, ``species``, ``summary``, ``layer_styles``."""
     src = crown_source(crowns)
-    cols = None
+    cols = _storable_columns(src.table)  # one schema for every chunk
     with atomic_path(path) as tmp:
         for i, part in enumerate(src.chunks(chunk) if len(src) else [src.to_geodataframe()]):
-            cols = cols or _storable_columns(part)  # one schema for every chunk
-            pyogrio.write_dataframe(part[cols], tmp, layer="crowns", driver="GPKG", promote_to_multi=False,
-                                    append=i > 0)
+            pyogrio.write_dataframe(part[[*cols, part.geometry.name]], tmp, layer="crowns", driver="GPKG",
+                                    promote_to_multi=False, append=i > 0)
         if grid is not None:
             pyogrio.write_dataframe(_clean_frame(grid), tmp, layer="grid", driver="GPKG")
         if plots is not None:
@@ -193,10 +192,8 @@ def write_crown_mask(path: str | os.PathLike, crowns: Any, width: int, height: i
                     wt = transform @ Affine.translation(c0, r0)
                     block = np.zeros((int(win.height), int(win.width)), dtype=np.uint32)
                     if sindex is not None:
-                        left, top = wt.c, wt.f
-                        bounds = (left, top + wt.e * win.height, left + wt.a * win.width, top)
-                        hits = np.sort(sindex.query(box(*bounds), predicate="intersects"))
-                        if hits.size:  # later crowns cover earlier ones, as in one whole-image pass
+                        hits = _crowns_in(sindex, wt, block.shape)
+                        if hits.size:
                             block = rasterio.features.rasterize(
                                 zip(src.geometries(hits), ids[hits], strict=True), out_shape=block.shape,
                                 transform=wt, fill=0, dtype="uint32")
@@ -215,6 +212,14 @@ def _bounds_index(src: Any) -> shapely.STRtree | None:
     return shapely.STRtree(shapely.box(*src.bounds.T)) if len(src) else None
 
 
+def _crowns_in(tree: shapely.STRtree, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
+    """Indices, ascending, of the crowns whose boxes touch the ``shape`` (rows, cols) window at ``transform``
+    (ascending: rasterised in that order, later crowns cover earlier ones as in one whole-image pass)."""
+    (x0, y0), (x1, y1) = transform @ (0, 0), transform @ (shape[1], shape[0])
+    window = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    return np.sort(tree.query(window, predicate="intersects"))
+
+
 def _draw_outlines(img: np.ndarray, src: Any, colour_of: np.ndarray, transform: Affine,
                    strip_px: int) -> None:
     """Colour, in ``img`` [h, w, 3], every crown pixel next to a pixel of another label (all-touched
@@ -225,9 +230,7 @@ def _draw_outlines(img: np.ndarray, src: Any, colour_of: np.ndarray, transform: 
         r1 = min(h, r0 + strip_px)
         a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one-row halo: outlines on strip edges as in one piece
         st = transform @ Affine.translation(0, a0)
-        corners = [st @ (0, 0), st @ (w, a1 - a0)]
-        xs, ys = [p[0] for p in corners], [p[1] for p in corners]
-        hits = np.sort(tree.query(box(min(xs), min(ys), max(xs), max(ys)), predicate="intersects"))
+        hits = _crowns_in(tree, st, (a1 - a0, w))
         if not hits.size:
             continue
         labels = np.zeros((a1 - a0, w), dtype=np.int32)

@@ -29,7 +29,7 @@ import pyogrio
 
 import pipeline
 from pipeline.atomic import atomic_path
-from pipeline.crown_store import StoredCrowns
+from pipeline.crown_store import StoredCrowns, crown_source
 from pipeline.crowns import DEFAULTS as CROWN_DEFAULTS
 from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs, resolve_seam_overlaps
 from pipeline.errors import InputError
@@ -477,13 +477,12 @@ def tree_groups(plan: RunPlan, trees: pd.DataFrame) -> tuple[dict[str, np.ndarra
 def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
     """Biomass, carbon and CO2e per tree and per group through ``pipeline.carbon.estimate_carbon``.
 
-    Returns the ``CarbonResult`` with ``trees`` in the form given (``StoredCrowns``: the same polygon file
-    with the new table; a GeoDataFrame: crown polygons, working CRS)."""
+    Returns the ``CarbonResult`` with ``trees`` as ``StoredCrowns`` (a GeoDataFrame is spilled first): the
+    same polygon file with the new table."""
     from pipeline.carbon import CarbonConfig, estimate_carbon
 
-    stored = trees if isinstance(trees, StoredCrowns) else None
-    if stored is not None:
-        trees = stored.table
+    stored = trees if isinstance(trees, StoredCrowns) else StoredCrowns.spill(trees, plan.groups_dir)
+    trees = stored.table
     groups, _ = tree_groups(plan, trees)
     extra = dict(plan.config.carbon)
     fields = getattr(CarbonConfig, "__dataclass_fields__", {})
@@ -495,22 +494,15 @@ def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
     for key, value in defaults.items():
         if key in fields:
             extra.setdefault(key, value)
-    geometry = getattr(trees, "geometry", None) if stored is None else None
-    table = pd.DataFrame(trees.drop(columns=geometry.name) if geometry is not None else trees, copy=False)
+    table = pd.DataFrame(trees, copy=False)  # a view without the attrs (the species probabilities)
     table.attrs = {}
     result = estimate_carbon(table, CarbonConfig(**extra), groups)
     out = result.trees
     if len(out) != len(trees) or not np.array_equal(out["tree_id"].to_numpy(), trees["tree_id"].to_numpy()):
         out = out.set_index("tree_id").loc[trees["tree_id"].to_numpy()].reset_index()
     out = pd.DataFrame(out)
-    out.index = pd.RangeIndex(len(out))  # (reset_index would copy the whole table)
     out.attrs = {}
-    compact_labels(out)
-    if stored is not None:
-        result.trees = StoredCrowns(out, stored.store, stored.crs)
-    else:
-        result.trees = gpd.GeoDataFrame(out, geometry=geometry.reset_index(drop=True).to_numpy(),
-                                        crs=plan.crs)
+    result.trees = StoredCrowns(compact_labels(out), stored.store, stored.crs)
     del table
     release_free_heap()
     return result
@@ -626,7 +618,8 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
     trees = result.trees
     if not isinstance(trees, gpd.GeoDataFrame | StoredCrowns):
         trees = gpd.GeoDataFrame(trees, geometry="geometry", crs=plan.crs)
-    table = trees.table if isinstance(trees, StoredCrowns) else trees  # the attributes, in memory
+    trees = crown_source(trees)
+    table = trees.table  # the attributes, in memory
     _, info = tree_groups(plan, table)
     grid = _with_group_totals(info["grid"], _group_table(result, "cell"))
     species_table = _group_table(result, "species")
