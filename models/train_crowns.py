@@ -75,6 +75,7 @@ class TrainCrownsConfig:
     synthetic_scenes: int = 0  # generated scenes (pipeline.synthetic) mixed into training
     synthetic_fraction: float = 0.0  # share of each batch cut from them (drawn before the savanna share)
     synthetic_size_m: float = 150.0
+    synthetic_style: str = "smooth"  # crown look of the generated scenes: smooth or clumped
     class_weights: tuple[float, float, float] = (1.0, 1.0, 1.5)
     threads: int = 2
     checkpoint_every: int = 100
@@ -130,7 +131,7 @@ def load_synthetic_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
     from models.datasets.synthetic_scenes import synthetic_scenes
 
     return synthetic_scenes(cfg.synthetic_scenes, Path(cfg.out_dir) / "synthetic", cfg.synthetic_size_m,
-                            cfg.gsd_m, cfg.interior_ratio)
+                            cfg.gsd_m, cfg.interior_ratio, crown_style=cfg.synthetic_style)
 
 
 def _image_shape_gsd(path: str | Path, default_gsd_m: float) -> tuple[int, int, float]:
@@ -450,7 +451,7 @@ def _training_data_summary(cfg: TrainCrownsConfig) -> str:
 
         seeds = synthetic_scene_seeds(cfg.synthetic_scenes)
         text += (f"; {cfg.synthetic_scenes} synthetic scenes ({cfg.synthetic_size_m:g} m, seeds {seeds[0]}-"
-                 f"{seeds[-1]}) for {cfg.synthetic_fraction:.0%} of the chips")
+                 f"{seeds[-1]}, {cfg.synthetic_style} crowns) for {cfg.synthetic_fraction:.0%} of the chips")
     return text
 
 

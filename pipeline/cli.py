@@ -152,6 +152,8 @@ def synth_cmd(
     gsd_m: float = typer.Option(0.1, "--gsd-m", help="Ground sample distance in metres per pixel."),
     crs: str = typer.Option("EPSG:32617", "--crs", help="Projected CRS of the scene (metres)."),
     compress: str = typer.Option("deflate", "--compress", help="Orthomosaic compression: deflate or jpeg."),
+    crown_style: str = typer.Option("smooth", "--crown-style",
+                                    help="Crown look: smooth (default) or clumped (branch clumps)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Generate a synthetic forest scene with known truth (crowns, species, height, DBH, AGB)."""
@@ -160,7 +162,8 @@ def synth_cmd(
     from pipeline.synthetic import generate_scene
 
     t0 = time.perf_counter()
-    files = generate_scene(out, size_m=size_m, gsd_m=gsd_m, seed=seed, crs=crs, compress=compress)
+    files = generate_scene(out, size_m=size_m, gsd_m=gsd_m, seed=seed, crs=crs, compress=compress,
+                           crown_style=crown_style)
     typer.echo(f"{files.n_trees} trees, {size_m:g} m x {size_m:g} m at {gsd_m:g} m ({files.crs}) "
                f"in {time.perf_counter() - t0:.1f} s")
     for path in (files.ortho, files.chm, files.truth, files.meta):
@@ -199,6 +202,8 @@ def train_crowns_cmd(
                                          help="generated scenes mixed into training (pretraining)"),
     synthetic_fraction: float = typer.Option(0.25, "--synthetic-fraction",
                                              help="share of chips cut from the synthetic scenes"),
+    synthetic_style: str = typer.Option("smooth", "--synthetic-style",
+                                        help="crown look of the synthetic scenes: smooth or clumped"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
@@ -211,7 +216,8 @@ def train_crowns_cmd(
                             colour_strength=colour_strength, greyscale_p=greyscale_p,
                             savanna_crown_jitter=savanna_crown_jitter, savanna_max_crowns=savanna_max_crowns,
                             synthetic_scenes=synthetic_scenes,
-                            synthetic_fraction=synthetic_fraction if synthetic_scenes > 0 else 0.0)
+                            synthetic_fraction=synthetic_fraction if synthetic_scenes > 0 else 0.0,
+                            synthetic_style=synthetic_style)
     result = run_training(cfg, export or f"{out}/crowns.onnx", model_version=model_version,
                           resume=not no_resume, tta=tta, log=typer.echo)
     typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")

@@ -75,6 +75,7 @@ _GROUND = (
     ("litter", (0.46, 0.34, 0.22), 0.0),
 )
 _LOG_COLOUR = (0.64, 0.61, 0.56)
+CROWN_STYLES = ("smooth", "clumped")
 _N_HARMONICS = 4
 _N_VERTICES = 48
 
@@ -395,8 +396,12 @@ def _draw_logs(logs: np.ndarray, seed: int, rgb: np.ndarray, surf: np.ndarray, r
         surf[a0:a1, b0:b1][m] = np.maximum(surf[a0:a1, b0:b1][m], 0.3)
 
 
-def _crown_patch(trees: _Trees, i: int, seed: int, origin: tuple[float, float], gsd_m: float):
-    """Full raster patch of tree ``i`` on the global pixel grid: (row0, col0, inside, z, rgb)."""
+def _crown_patch(trees: _Trees, i: int, seed: int, origin: tuple[float, float], gsd_m: float,
+                 crown_style: str = "smooth"):
+    """Full raster patch of tree ``i`` on the global pixel grid: (row0, col0, inside, z, rgb).
+
+    ``crown_style`` ``smooth`` shades the crown profile with a value-noise texture; ``clumped`` builds the
+    surface from branch clumps (:func:`_clump_surface`)."""
     s = SPECIES[int(trees.species[i])]
     x_left, y_top = origin
     rmax = float(trees.radius_m[i] * (1 + trees.harm_amp[i].sum()))
@@ -419,6 +424,8 @@ def _crown_patch(trees: _Trees, i: int, seed: int, origin: tuple[float, float], 
         z = H - depth * rr ** 1.5
     else:
         z = H - depth * (1 - np.sqrt(1 - rr * rr))
+    if crown_style == "clumped":
+        z, inside, gap = _clump_surface(trees, i, s, seed, z, inside, dx, dy, gsd_m)
     # lighting: Lambert on the crown surface
     gy, gx = np.gradient(z, gsd_m)
     az = math.radians(_Light.sun_azimuth_deg)
@@ -443,10 +450,69 @@ def _crown_patch(trees: _Trees, i: int, seed: int, origin: tuple[float, float], 
     else:
         tex = 1.0 + s.texture_amp * 2 * (tex1 - 0.5) + 0.5 * s.texture_amp * 2 * (tex2 - 0.5)
     edge = 1.0 - 0.25 * np.clip((rr - 0.75) / 0.25, 0, 1)
-    lum = (shade * tex * edge).astype(np.float32)
     col = np.array(s.colour, dtype=np.float32) * trees.colour[i].astype(np.float32)
+    if crown_style == "clumped":
+        # half the species colour, half a foliage colour of the tree's own (pale yellow-green to dark green)
+        crng = np.random.default_rng([seed, 41, *trees.uid[i].tolist()])
+        g = crng.uniform(0.22, 0.55)
+        own = np.array([g * crng.uniform(0.55, 1.0), g, g * crng.uniform(0.35, 0.75)], np.float32)
+        col = 0.5 * col + 0.5 * own
+        # sunlit clump tops, dark gaps between clumps, a fine needle/leaf grain
+        lum = (0.25 + 1.05 * np.clip(lam, 0, 1) ** 1.5) * (1.0 - 0.65 * gap) * (0.9 + 0.25 * (tex2 - 0.5) * 2)
+        lum = (lum * (1.2 if s.tufted else 1.0)).astype(np.float32)  # sunlit needle tufts
+        # sunlit foliage turns yellower (specular and translucent light), shade turns bluer
+        warm = np.clip(lum - 0.8, 0, None)
+        rgb = col[:, None, None] * lum[None] + np.array([0.10, 0.08, -0.02], np.float32)[:, None, None] * warm
+        return r_lo, c_lo, inside, z.astype(np.float32), rgb.astype(np.float32)
+    lum = (shade * tex * edge).astype(np.float32)
     rgb = col[:, None, None] * lum[None]
     return r_lo, c_lo, inside, z.astype(np.float32), rgb
+
+
+def _clump_surface(trees: _Trees, i: int, s: SpeciesLook, seed: int, z: np.ndarray, inside: np.ndarray,
+                   dx: np.ndarray, dy: np.ndarray, gsd_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crown surface built from branch clumps: (surface z in m, rendered-crown mask, gap depth 0..1).
+
+    Seen from above, a real crown is a mosaic of sunlit branch clumps (tufts of needles at branch tips in
+    pines, leaf clusters in broadleaves) with shaded gaps between them and a ragged rim. Each clump is a
+    small dome (radius ``texture_cell_m`` times 0.6-1.2) set on the crown profile ``z``. Dense crowns keep
+    their shaded interior in the gaps; tufted crowns show the ground through them (``inside`` shrinks to
+    the clumps). The truth outline is unchanged: the lobed polygon of :func:`crown_polygons`.
+    """
+    rng = np.random.default_rng([seed, 37, *trees.uid[i].tolist()])
+    radius = float(trees.radius_m[i])
+    r_clump = float(np.clip(0.7 * s.texture_cell_m + 0.12 * radius, 0.3, 1.4))
+    cover = 2.0 if not s.tufted else 1.5
+    n = int(np.clip(cover * radius * radius / (r_clump * r_clump), 6, 400))
+    theta = rng.uniform(0, 2 * np.pi, n)
+    k = np.arange(1, _N_HARMONICS + 1)
+    r_out = radius * (1 + (trees.harm_amp[i] * np.cos(k * theta[:, None] + trees.harm_phase[i])).sum(axis=-1))
+    rc = r_clump * rng.uniform(0.6, 1.2, n)
+    rho = np.sqrt(rng.uniform(0, 1, n)) * np.maximum(r_out - 0.3 * rc, 0.2 * r_out)  # rims stay ragged
+    cx, cy = rho * np.cos(theta), rho * np.sin(theta)
+    xs, ys = dx[0], dy[:, 0]
+    surf = np.full(z.shape, -np.inf, dtype=np.float64)
+    for x0, y0, r in zip(cx, cy, rc, strict=True):
+        c0, c1 = np.searchsorted(xs, [x0 - r, x0 + r])
+        # dy decreases down the rows: search on the reversed axis
+        n_rows = len(ys)
+        r1, r0 = n_rows - np.searchsorted(ys[::-1], [y0 - r, y0 + r])
+        if c0 >= c1 or r0 >= r1:
+            continue
+        d2 = ((xs[c0:c1][None, :] - x0) ** 2 + (ys[r0:r1][:, None] - y0) ** 2) / (r * r)
+        zc = z[r0:r1, c0:c1] + 0.6 * r * (1.0 - d2)
+        zc = np.where(d2 <= 1.0, zc, -np.inf)
+        np.maximum(surf[r0:r1, c0:c1], zc, out=surf[r0:r1, c0:c1])
+    clump = np.isfinite(surf)
+    if s.tufted:
+        inside = clump
+        base = z - 0.4
+    else:
+        base = z - 0.6
+        inside = inside | clump
+    out = np.where(clump, np.maximum(surf, base), base)
+    gap = np.clip((np.where(clump, 0.0, 0.6) + (z - out).clip(0, None)), 0, 1)
+    return out, inside, gap
 
 
 def _upsample_grid(g: np.ndarray, cell: float, h: int, w: int) -> np.ndarray:
@@ -461,15 +527,15 @@ def _upsample_grid(g: np.ndarray, cell: float, h: int, w: int) -> np.ndarray:
 
 
 def _render_window(trees: _Trees, tree_idx: np.ndarray, logs: np.ndarray, seed: int, r0: int, c0: int,
-                   h: int, w: int, origin: tuple[float, float], gsd_m: float, light: _Light
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   h: int, w: int, origin: tuple[float, float], gsd_m: float, light: _Light,
+                   crown_style: str = "smooth") -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 [3, h, w] and CHM float32 [h, w] of one window (global pixel offset r0, c0)."""
     rgb, surf = _render_background(seed, r0, c0, h, w, gsd_m, light.exposure)
     _draw_logs(logs, seed, rgb, surf, r0, c0, origin, gsd_m)
     owner = np.full((h, w), -1, dtype=np.int64)
     patches = []
     for i in tree_idx:
-        pr, pc, inside, z, col = _crown_patch(trees, int(i), seed, origin, gsd_m)
+        pr, pc, inside, z, col = _crown_patch(trees, int(i), seed, origin, gsd_m, crown_style)
         a0, a1 = max(pr, r0), min(pr + z.shape[0], r0 + h)
         b0, b1 = max(pc, c0), min(pc + z.shape[1], c0 + w)
         patches.append((int(i), pr, pc, inside))
@@ -579,12 +645,15 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
                    crs: str = "EPSG:32617", origin: tuple[float, float] = (400000.0, 3285000.0),
                    window_px: int = 1024, block_m: float = 50.0, trees_per_ha_candidates: float = 900.0,
                    overlap: float = 0.65, logs_per_ha: float = 12.0, compress: str = "deflate",
-                   biome: str = "temperate") -> SceneFiles:
+                   biome: str = "temperate", crown_style: str = "smooth") -> SceneFiles:
     """Write ortho.tif (RGB uint8), chm.tif (float32, m), truth.gpkg and scene.json in ``out_dir``.
 
     ``origin`` is the upper-left corner (easting, northing) in metres of ``crs`` (must be projected).
     ``compress`` is ``deflate`` (lossless, default) or ``jpeg`` (quality 90, smaller and closer to drone
-    orthos). Output files go through :func:`pipeline.atomic.atomic_path`.
+    orthos). ``crown_style`` is ``smooth`` (default: shaded crown profiles with a noise texture; what the
+    species model and the benchmarks use) or ``clumped`` (crowns built from sunlit branch clumps with dark
+    gaps and ragged rims, closer to real crowns; the crown model's training scenes).
+    Output files go through :func:`pipeline.atomic.atomic_path`.
     """
     import rasterio
     from pyproj import CRS
@@ -599,6 +668,8 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
         raise InputError(f"synth: --crs {crs!r} is not a known CRS: use e.g. EPSG:32617") from None
     if not crs_obj.is_projected:
         raise InputError(f"synth: --crs {crs!r} is not projected (metres): use a UTM zone such as EPSG:32617")
+    if crown_style not in CROWN_STYLES:
+        raise InputError(f"synth: --crown-style {crown_style!r} must be one of {', '.join(CROWN_STYLES)}")
     if compress not in {"deflate", "jpeg"}:
         raise InputError(f"synth: --compress {compress!r} must be deflate or jpeg")
     n_px = int(round(size_m / gsd_m))
@@ -644,7 +715,8 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
                 for c0 in range(0, n_px, window_px):
                     w = min(window_px, n_px - c0)
                     hit = np.flatnonzero(rows_hit & (tc + reach >= c0) & (tc - reach <= c0 + w))
-                    rgb, chm = _render_window(trees, hit, logs, seed, r0, c0, h, w, origin, gsd_m, light)
+                    rgb, chm = _render_window(trees, hit, logs, seed, r0, c0, h, w, origin, gsd_m, light,
+                                              crown_style)
                     win = Window(c0, r0, w, h)
                     dst_o.write(rgb, window=win)
                     dst_c.write(chm, 1, window=win)
@@ -666,7 +738,7 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
         "light": {"sun_azimuth_deg": light.sun_azimuth_deg, "sun_elevation_deg": light.sun_elevation_deg},
         "allometry": "dbh_jucker2017_cm(height_m, crown_diameter_m, plant_group, biome) -> "
                      "agb_chave2014_eq4_kg(wood_density, dbh_cm, height_m)",
-        "biome": biome, "compress": compress,
+        "biome": biome, "compress": compress, "crown_style": crown_style,
     }
     meta_path = out / "scene.json"
     with atomic_path(meta_path) as t_meta:

@@ -121,3 +121,65 @@ def test_cli_synth(tmp_path):
     assert (tmp_path / "s" / "ortho.tif").exists() and (tmp_path / "s" / "truth.gpkg").exists()
     bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "t"), "--size-m", "30", "--crs", "EPSG:4326"])
     assert bad.exit_code == 2 and "projected" in bad.output
+
+
+@pytest.fixture(scope="module")
+def clumped(tmp_path_factory):
+    return generate_scene(tmp_path_factory.mktemp("clumped"), size_m=60, gsd_m=0.1, seed=3, window_px=256,
+                          crown_style="clumped")
+
+
+def test_clumped_style_keeps_the_truth_and_is_deterministic(scene, clumped, tmp_path):
+    """The crown look changes the pixels only: same trees, same truth table and outlines, same per-window
+    independence; the same seed gives the same pixels."""
+    ta, tb = gpd.read_file(scene.truth), gpd.read_file(clumped.truth)
+    assert ta.drop(columns="geometry").equals(tb.drop(columns="geometry"))
+    assert ta.geometry.geom_equals_exact(tb.geometry, 1e-9).all()
+    smooth_px, clumped_px = _read(scene)[0], _read(clumped)[0]
+    assert not np.array_equal(smooth_px, clumped_px)
+    again = generate_scene(tmp_path / "w", size_m=60, gsd_m=0.1, seed=3, window_px=512, crown_style="clumped")
+    assert np.array_equal(_read(again)[0], clumped_px) and np.array_equal(_read(again)[1], _read(clumped)[1])
+
+
+def _crown_ids(files):
+    truth = gpd.read_file(files.truth)
+    ortho, chm, prof, _ = _read(files)
+    # the inner 70 % of each outline, so that rim pixels and neighbours' overlap count little
+    cores = truth.geometry.scale(0.7, 0.7, origin="centroid")
+    ids = rasterize(((g, i + 1) for i, g in enumerate(cores)), out_shape=chm.shape,
+                    transform=prof["transform"], dtype="int32")
+    return truth, ortho, chm, ids
+
+
+def test_clumped_pines_show_ground_between_tufts_and_dense_crowns_have_gaps(scene, clumped):
+    """Tufted pine crowns let the ground through between needle clumps (CHM near the ground inside the
+    outline), smooth ones never do; dense broadleaf crowns stay closed but gain shaded gaps (more
+    within-crown brightness contrast)."""
+    stats = {}
+    for name, files in (("smooth", scene), ("clumped", clumped)):
+        truth, ortho, chm, ids = _crown_ids(files)
+        lum = ortho.astype(np.float64).mean(axis=0)
+        pine_ground, broad_cv, broad_ground = [], [], []
+        for i, sp in enumerate(truth["species"]):
+            px = ids == i + 1
+            if px.sum() < 50 or truth["visible_fraction"].iloc[i] < 0.99:
+                continue
+            if sp == "Pinus palustris":
+                pine_ground.append((chm[px] < 1.0).mean())
+            else:
+                broad_ground.append((chm[px] < 1.0).mean())
+                broad_cv.append(lum[px].std() / lum[px].mean())
+        stats[name] = (np.mean(pine_ground), np.mean(broad_ground), np.mean(broad_cv), len(pine_ground))
+    assert stats["smooth"][3] >= 2 and stats["smooth"][0] == 0.0 and stats["smooth"][1] == 0.0
+    assert stats["clumped"][0] > 0.05  # ground seen through open pine crowns
+    assert stats["clumped"][1] < 0.01  # broadleaf crowns stay closed
+    assert stats["clumped"][2] > 1.2 * stats["smooth"][2]  # sunlit clumps and shaded gaps
+
+
+def test_crown_style_is_checked(tmp_path):
+    with pytest.raises(InputError, match="crown-style"):
+        generate_scene(tmp_path, size_m=20, crown_style="cartoon")
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "s"), "--size-m", "20", "--seed", "2",
+                                   "--crown-style", "clumped"])
+    assert res.exit_code == 0, res.output
+    assert '"crown_style": "clumped"' in (tmp_path / "s" / "scene.json").read_text()

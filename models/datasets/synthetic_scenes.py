@@ -28,18 +28,22 @@ def synthetic_scene_seeds(n: int, seed_base: int = SEED_BASE) -> list[int]:
 
 
 def synthetic_scenes(n: int, cache_dir: str | Path, size_m: float = 150.0, gsd_m: float = 0.15,
-                     interior_ratio: float = 0.7, seed_base: int = SEED_BASE) -> list[Scene]:
+                     interior_ratio: float = 0.7, seed_base: int = SEED_BASE, crown_style: str = "smooth"
+                     ) -> list[Scene]:
     """``n`` generated scenes of ``size_m`` metres at ``gsd_m`` (m/px) as crown-training scenes (no split).
 
-    Generated into ``cache_dir/seed_<s>_<size>m_<gsd>m`` once and reused."""
+    ``crown_style`` is the generator's crown look (``smooth`` or ``clumped``, see
+    :func:`pipeline.synthetic.generate_scene`). Generated into ``cache_dir/seed_<s>_<size>m_<gsd>m`` (with a
+    ``_clumped`` suffix for that style) once and reused."""
     from pipeline.synthetic import generate_scene
 
     scenes = []
     for seed in synthetic_scene_seeds(n, seed_base):
-        folder = Path(cache_dir) / f"seed_{seed}_{size_m:g}m_{gsd_m:g}m"
+        suffix = "" if crown_style == "smooth" else f"_{crown_style}"
+        folder = Path(cache_dir) / f"seed_{seed}_{size_m:g}m_{gsd_m:g}m{suffix}"
         ortho, truth = folder / "ortho.tif", folder / "truth.gpkg"
         if not (ortho.is_file() and truth.is_file()):
-            generate_scene(folder, size_m=size_m, gsd_m=gsd_m, seed=seed)
+            generate_scene(folder, size_m=size_m, gsd_m=gsd_m, seed=seed, crown_style=crown_style)
         polys = read_polygons(truth, ortho, layer="crowns")
         scene = load_polygon_scene(polys, None, interior_ratio)
         scene.name = f"synthetic_{seed}"
