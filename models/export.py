@@ -88,6 +88,21 @@ def set_metadata(model_proto, metadata: Mapping[str, object]) -> None:
         model_proto.metadata_props.add(key=k, value=v)
 
 
+def copy_with_metadata(src: str | os.PathLike, dst: str | os.PathLike,
+                       metadata: Mapping[str, object]) -> Path:
+    """Write a copy of the ONNX model ``src`` to ``dst`` (atomically) with ``metadata`` entries replaced or
+    added; the graph and the other entries are unchanged."""
+    import onnx
+
+    from pipeline.atomic import atomic_path
+
+    proto = onnx.load(str(src))
+    set_metadata(proto, metadata)
+    with atomic_path(dst) as tmp:
+        onnx.save(proto, str(tmp))
+    return Path(dst)
+
+
 def read_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
     import onnx
 

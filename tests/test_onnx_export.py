@@ -97,3 +97,22 @@ def test_zoo_int8_copy_calibrates_on_the_models_own_training_data(tiny_net, tmp_
     ref = OnnxModel(path, threads=1).run(tiles)
     diff = np.abs(model.run(tiles) - ref)
     assert diff.mean() < 0.02 and np.quantile(diff, 0.99) < 0.1  # int8 stays close to the float probs
+
+
+def test_copy_with_metadata_changes_only_the_named_entries(tiny_net, tmp_path):
+    """A compressed model gets its own postprocess thresholds this way; the engine must read them."""
+    from models.export import copy_with_metadata
+
+    cfg = TrainCrownsConfig(gsd_m=0.15, tile_size=64, overlap_px=16, net=TINY.to_dict())
+    post = {"fg_threshold": 0.35, "interior_threshold": 0.3, "seed_min_distance_m": 1.2, "min_area_m2": 2.5}
+    src = export_crown_model(tiny_net, cfg, tmp_path / "crowns.onnx", post, {"real_f1_iou0.4": 0.5}, "t-1")
+    own = dict(post, interior_threshold=0.5, min_area_m2=1.0)
+    dst = copy_with_metadata(src, tmp_path / "crowns-cal.onnx", {"postprocess": own})
+    before, after = read_metadata(src), read_metadata(dst)
+    assert json.loads(after["postprocess"]) == own and json.loads(before["postprocess"]) == post
+    assert {k: v for k, v in after.items() if k != "postprocess"} == {
+        k: v for k, v in before.items() if k != "postprocess"}
+    assert OnnxModel(dst, threads=1).meta.postprocess == own
+    batch = np.random.default_rng(2).integers(0, 256, (1, 3, 64, 64), dtype=np.uint8)
+    np.testing.assert_array_equal(OnnxModel(src, threads=1).run(batch), OnnxModel(dst, threads=1).run(batch))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crowns-cal.onnx", "crowns.onnx"]  # no temp left

@@ -121,3 +121,25 @@ def test_synthetic_scenes_are_generated_once_and_train_like_polygons(tiny_cfg, t
     cfg = replace(tiny_cfg, synthetic_scenes=2, synthetic_fraction=1.0, chip_px=64, batch_size=4)
     _, y = make_batch(3, cfg, real, [], scenes)
     assert (y == 1).sum() > 0 and (y == 255).sum() == 0
+
+
+def test_postprocess_calibration_picks_the_thresholds_the_validation_needs():
+    """Known answer: every reference crown is a 1.4 m² square (62 px at 0.15 m) with a confident core, so
+    only the smallest minimum area (1.0 m²) keeps them; the larger grid values drop every crown."""
+    from shapely.geometry import box
+
+    from models.train_crowns import PARAM_GRID, ValCase, calibrate_postprocess
+
+    gsd = 0.15
+    probs = np.zeros((3, 96, 96), np.float32)
+    probs[0] = 1.0
+    truth = []
+    for r0, c0 in ((10, 10), (10, 60), (60, 30)):
+        side = 8  # 8 px = 1.2 m; 1.44 m²
+        probs[:, r0:r0 + side, c0:c0 + side] = np.array([0.05, 0.9, 0.05])[:, None, None]
+        truth.append(box(c0, r0, c0 + side, r0 + side))
+    cases = [ValCase("real_0", probs, np.ones((96, 96), bool), truth, lambda x, y: True)]
+    post, metrics = calibrate_postprocess(cases, gsd, log=lambda m: None)
+    assert set(post) == set(PARAM_GRID)
+    assert post["min_area_m2"] == 1.0
+    assert metrics["real_f1_iou0.4"] == 1.0 and metrics["real_n_truth"] == 3

@@ -343,6 +343,43 @@ def quantize_run(cfg: StudyConfig, key: str, n_tiles: int = 32) -> dict:
     return results["runs"][key + "+int8"]
 
 
+def recalibrate_run(cfg: StudyConfig, key: str, log=print) -> dict:
+    """Give one finished run post-processing thresholds of its own, chosen exactly as the dense model's were.
+
+    A pruned network's class probabilities are not calibrated like the dense network's, so the dense
+    model's thresholds (used for every run by default) can cost it crowns. This grid-searches
+    :data:`models.train_crowns.PARAM_GRID` on the run's held-out validation (real blocks + 8 open-ground
+    chips; never the study image), writes a copy of the run's ONNX with those thresholds in its metadata
+    (``<name>-cal.onnx``) and evaluates it as a new run ``<key>-cal``: study image, shifts, validation."""
+    from models.export import copy_with_metadata
+    from models.train_crowns import calibrate_postprocess, load_crown_net, validation_cases
+
+    results = load_results(cfg.results)
+    if key not in results["runs"]:
+        from pipeline.errors import InputError
+
+        raise InputError(f"{cfg.results}: no run {key!r}; finished runs: {', '.join(results['runs'])}")
+    run = results["runs"][key]
+    src = Path(run["onnx"])
+    net = torch.load(src.with_suffix(".pt"), weights_only=False).eval()  # our own study output
+    _, train_cfg = load_crown_net(cfg.checkpoint)
+    data = CrownData(train_cfg, 4)
+    with torch.no_grad():
+        cases = validation_cases(net, data.scenes, train_cfg, n_savanna=8)
+    post, metrics = calibrate_postprocess(cases, train_cfg.gsd_m, log)
+    dst = copy_with_metadata(src, src.with_name(src.stem + "-cal.onnx"), {"postprocess": post})
+    ev = evaluate_onnx(dst, cfg, prepare_shift_images(cfg))
+    new = dict(run, onnx=str(dst), tag=run.get("tag", "") + "-cal", postprocess=post,
+               postprocess_source="own held-out validation (models.train_crowns.calibrate_postprocess)",
+               validation={k: round(float(v), 4) for k, v in metrics.items()}, **ev)
+    new.pop("latency", None)
+    new.pop("latency_session", None)
+    results["runs"][key + "-cal"] = new
+    save_results(cfg.results, results)
+    log(f"{key}-cal: postprocess {post}: F1 {ev['f1']:.3f}")
+    return new
+
+
 def _has_softmax_op(onnx_path: str | Path) -> bool:
     import onnx
 
@@ -444,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-latency-methods", default="sipp", help="methods not timed (sipp: dense shapes)")
     ap.add_argument("--quantize", default=None, help="only quantize this finished run key, e.g. pfp@0.7")
+    ap.add_argument("--recalibrate", default=None,
+                    help="only give this finished run key its own postprocess thresholds (validation)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2, help="torch/ORT threads")
     ap.add_argument("--tag", default="", help="suffix of run keys and files (e.g. -ft100)")
@@ -471,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         add_latency(cfg, runs=a.runs, skip_methods=tuple(m for m in a.skip_latency_methods.split(",") if m))
     elif a.quantize:
         print(json.dumps(quantize_run(cfg, a.quantize), indent=1))
+    elif a.recalibrate:
+        recalibrate_run(cfg, a.recalibrate)
     else:
         run_study(cfg)
     return 0
