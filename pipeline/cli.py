@@ -97,6 +97,8 @@ def run_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the carbon Monte Carlo."),
     plots: str = typer.Option(None, "--plots", help="Plot polygons (GPKG/GeoJSON) for per-plot totals."),
     batch_size: int = typer.Option(1, "--batch-size", help="Tiles per ONNX call (more: more memory)."),
+    tta: bool = typer.Option(False, "--tta", help="Average the crown model over 4 flipped/rotated views "
+                             "of each tile (4x segmentation time)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
@@ -110,7 +112,7 @@ def run_cmd(
                              species_model=species_model, use_species_model=not no_species,
                              bands=parse_bands(bands) if bands else None, crs=crs, threads=threads,
                              seed=seed, plots=plots,
-                             batch_size=batch_size)
+                             batch_size=batch_size, tta=tta)
     console = Console(stderr=True)
     labels = {"tiles": "segmenting tiles", "attributes": "species and height",
               "carbon": "carbon (Monte Carlo)", "outputs": "writing outputs"}
@@ -234,13 +236,14 @@ def evaluate_cmd(
                                     help="ONNX crown model (default models/zoo/crowns.onnx)"),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads (default: all cores)"),
     bands: str | None = typer.Option(None, "--bands", help="red,green,blue band numbers [default: auto]"),
+    tta: bool = typer.Option(False, "--tta", help="test-time augmentation: 4 flipped/rotated views a tile"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Crown precision/recall/F1 at IoU 0.4 and 0.5 (Hungarian matching), area error and pixel IoU."""
     from pipeline.evaluation.run import evaluate_crowns_on_image
 
     res = evaluate_crowns_on_image(image, truth, out, crown_model=crown_model, threads=threads,
-                                   bands=parse_bands(bands) if bands else None)
+                                   bands=parse_bands(bands) if bands else None, tta=tta)
     head = res["scores"][res["headline"]]
     t4, t5 = head["thresholds"]["0.4"], head["thresholds"]["0.5"]
     typer.echo(f"{head['n_pred']} predicted / {head['n_truth']} reference crowns ({res['headline']} IoU): "

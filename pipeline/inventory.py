@@ -73,6 +73,7 @@ class InventoryConfig:
     tiles_per_group: int = 32
     cell_m: float = 100.0
     postprocess: dict[str, float] = field(default_factory=dict)  # overrides the model's own thresholds
+    tta: bool = False  # crown model averaged over 4 flipped/rotated views of each tile (4x segmentation time)
     carbon: dict[str, Any] = field(default_factory=dict)  # extra CarbonConfig fields
 
     def __post_init__(self) -> None:
@@ -245,7 +246,9 @@ def validate(config: InventoryConfig) -> RunPlan:
             open_height_raster(path, what).close()
     if cfg.plots is not None:
         _read_plots(cfg.plots)
-    pp = dict(postprocess_kwargs(crown.meta.postprocess))
+    # with test-time augmentation the probabilities are averages: the model's TTA thresholds when it has them
+    pp = dict(postprocess_kwargs(crown.meta.postprocess_tta if cfg.tta and crown.meta.postprocess_tta
+                                 else crown.meta.postprocess))
     pp.update(postprocess_kwargs(cfg.postprocess))
     with open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, target_gsd_m=crown.meta.gsd_m) as ortho:
         cfg = replace(cfg, bands=ortho.bands)  # the bands actually read (fingerprint, summary)
@@ -263,7 +266,7 @@ def validate(config: InventoryConfig) -> RunPlan:
     fp_doc = {"ortho": _file_fingerprint(cfg.ortho), "crown": crown.sha256, "bands": list(cfg.bands),
               "crs": cfg.crs, "chm": _file_fingerprint(cfg.chm), "dsm": _file_fingerprint(cfg.dsm),
               "dtm": _file_fingerprint(cfg.dtm), "postprocess": pp, "tiles_per_group": cfg.tiles_per_group,
-              "version": pipeline.__version__}
+              "version": pipeline.__version__, **({"tta": True} if cfg.tta else {})}
     fingerprint = hashlib.sha256(json.dumps(fp_doc, sort_keys=True).encode()).hexdigest()[:16]
     try:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +344,8 @@ def infer_group(plan: RunPlan, group_index: int, progress: Progress | None = Non
             progress("tiles", 1, total)
 
     try:
-        for tile, probs, valid in predict_tiles(model, ortho, tiles, plan.config.batch_size, on_skip=skipped):
+        for tile, probs, valid in predict_tiles(model, ortho, tiles, plan.config.batch_size, on_skip=skipped,
+                                                tta=plan.config.tta):
             r0, r1, c0, c1 = tile.core_in_tile()
             stats["valid_px"] += int(valid[r0:r1, c0:c1].sum())
             chm = _heights_for_tile(plan, ortho, tile, handles)

@@ -40,6 +40,7 @@ class ModelMeta:
     validation_metrics: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] | None = None
     postprocess: dict[str, Any] = field(default_factory=dict)
+    postprocess_tta: dict[str, Any] = field(default_factory=dict)  # thresholds for test-time augmentation
     raw: dict[str, str] = field(default_factory=dict)
 
 
@@ -80,14 +81,18 @@ def parse_metadata(path: Path, props: dict[str, str]) -> ModelMeta:
         if "validation_metrics" in props else {}
     compression = _json_value(path, "compression", props["compression"]) if "compression" in props else None
     postprocess = _json_value(path, "postprocess", props["postprocess"]) if "postprocess" in props else {}
-    if not isinstance(postprocess, dict):
-        raise InputError(f"{path}: metadata 'postprocess' must be a JSON object of thresholds")
+    postprocess_tta = _json_value(path, "postprocess_tta", props["postprocess_tta"]) \
+        if "postprocess_tta" in props else {}
+    for key, value in (("postprocess", postprocess), ("postprocess_tta", postprocess_tta)):
+        if not isinstance(value, dict):
+            raise InputError(f"{path}: metadata {key!r} must be a JSON object of thresholds")
     return ModelMeta(task=task, class_names=[str(c) for c in class_names], gsd_m=gsd_m, tile_size=tile_size,
                      bands=[str(b) for b in bands], model_version=props["model_version"],
                      overlap_px=overlap_px,
                      unknown_threshold=unknown_threshold, training_data=props.get("training_data", ""),
                      validation_metrics=metrics if isinstance(metrics, dict) else {"value": metrics},
-                     compression=compression, postprocess=postprocess, raw=dict(props))
+                     compression=compression, postprocess=postprocess, postprocess_tta=postprocess_tta,
+                     raw=dict(props))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -20,6 +20,7 @@ from scipy import ndimage as ndi
 from pipeline.onnx_model import OnnxModel
 from pipeline.raster import Ortho
 from pipeline.tiling import Tile
+from pipeline.tta import predict_with_tta
 
 Batch = list[tuple[Tile, np.ndarray, np.ndarray]]
 
@@ -70,11 +71,12 @@ def _read_batches(ortho: Ortho, tiles: list[Tile], batch_size: int,
 
 
 def predict_tiles(model: OnnxModel, ortho: Ortho, tiles: Iterable[Tile], batch_size: int = 4,
-                  on_skip: Callable[[Tile], None] | None = None
+                  on_skip: Callable[[Tile], None] | None = None, tta: bool = False
                   ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
     """Yield ``(tile, probs [C, T, T] float32, valid [T, T] bool)`` per tile with any valid pixel.
 
-    ``on_skip(tile)`` is called for every fully masked tile (they are not yielded and never run)."""
+    ``on_skip(tile)`` is called for every fully masked tile (they are not yielded and never run).
+    ``tta`` averages the model over four flipped/rotated views of each tile (:mod:`pipeline.tta`)."""
     tiles = list(tiles)
     size = model.meta.tile_size
     if tiles and (int(tiles[0].window.width) != size or int(tiles[0].window.height) != size):
@@ -91,7 +93,10 @@ def predict_tiles(model: OnnxModel, ortho: Ortho, tiles: Iterable[Tile], batch_s
             current = None
             if batch is not None:
                 next_batch = reads.submit(next, reader, None)
-                current = (batch, runs.submit(model.run, np.stack([rgb for _, rgb, _ in batch])))
+                stack = np.stack([rgb for _, rgb, _ in batch])
+                job = (runs.submit(predict_with_tta, model.run, stack) if tta
+                       else runs.submit(model.run, stack))
+                current = (batch, job)
             if previous is not None:
                 done, probs = previous[0], previous[1].result()
                 for (tile, _, valid), p in zip(done, probs, strict=True):

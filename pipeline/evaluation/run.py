@@ -28,6 +28,7 @@ def evaluate_crowns_on_image(
     threads: int | None = None,
     bands: tuple[int, int, int] = (1, 2, 3),
     postprocess: dict[str, float] | None = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Segment ``image`` with the crown model, match crowns to ``truth``, write crown_metrics.json/.md and
     predicted_crowns.geojson into ``out_dir``; return the metrics dict.
@@ -47,6 +48,7 @@ def evaluate_crowns_on_image(
         threads=threads,
         bands=bands,
         postprocess=postprocess or {},
+        tta=tta,
     )
     plan = validate(cfg)
     try:
@@ -64,6 +66,7 @@ def evaluate_crowns_on_image(
         "crown_model_sha256": plan.models.get(plan.crown_model_path.stem),
         "gsd_m": plan.gsd_m,
         "postprocess": plan.postprocess,
+        "tta": tta,
         "seconds": round(seconds, 2),
         "scores": {},
     }
@@ -96,7 +99,8 @@ def evaluate_crowns_on_image(
     header = (
         f"# Crown evaluation\n\nImage `{Path(image).name}`, reference `{Path(truth).name}`, model "
         f"`{plan.crown_model_path.name}` ({plan.crown_meta.model_version}) at {plan.gsd_m:g} m; "
-        f"segmentation + extraction {seconds:.1f} s.\n\n"
+        f"segmentation + extraction {seconds:.1f} s"
+        f"{' (test-time augmentation: 4 views a tile)' if tta else ''}.\n\n"
     )
     write_metrics(result, out_dir, "crown_metrics", header + "\n".join(md))
     if len(crowns):
