@@ -90,3 +90,21 @@ def test_channel_softmax_equals_softmax():
 
     x = torch.randn(2, 3, 5, 5) * 20
     torch.testing.assert_close(channel_softmax(x), torch.softmax(x, 1))
+
+
+def test_pruned_network_rebuilds_from_a_plain_state_dict(tmp_path):
+    """A pruned model is saved as a state dict and loaded with weights_only=True: same outputs."""
+    from models.compression.structured import rebuild_pruned
+
+    calib = [torch.randn(2, 3, TILE, TILE)]
+    res = compress(tiny_unet(), "pfp", 0.6, (3, TILE, TILE), calibration=calib)
+    torch.save(res.model.state_dict(), tmp_path / "pruned.pt")
+    state = torch.load(tmp_path / "pruned.pt", weights_only=True)
+    rebuilt = rebuild_pruned(tiny_unet(), state)
+    x = torch.randn(1, 3, TILE, TILE)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), res.model.eval()(x))
+    assert sum(p.numel() for p in rebuilt.parameters()) == res.after.params
+    alds = compress(tiny_unet(), "alds", 0.6, (3, TILE, TILE))
+    with pytest.raises(ValueError, match="ALDS"):
+        rebuild_pruned(tiny_unet(), alds.model.state_dict())

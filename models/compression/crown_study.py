@@ -294,7 +294,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             record = export_compressed(res, path, tile, metadata=meta)
             ev = evaluate_onnx(path, cfg, shift_images)
             ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
-            torch.save(res.model, out_dir / f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}.pt")
+            # a plain state dict: loaded with weights_only=True and rebuilt by structured.rebuild_pruned
+            stem = f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}"
+            torch.save(res.model.state_dict(), out_dir / f"{stem}.pt")
             results["runs"][key] = {
                 "method": method,
                 "ratio": ratio,
@@ -361,8 +363,10 @@ def recalibrate_run(cfg: StudyConfig, key: str, log=print) -> dict:
         raise InputError(f"{cfg.results}: no run {key!r}; finished runs: {', '.join(results['runs'])}")
     run = results["runs"][key]
     src = Path(run["onnx"])
-    net = torch.load(src.with_suffix(".pt"), weights_only=False).eval()  # our own study output
-    _, train_cfg = load_crown_net(cfg.checkpoint)
+    from models.compression.structured import rebuild_pruned
+
+    dense, train_cfg = load_crown_net(cfg.checkpoint)
+    net = rebuild_pruned(dense, torch.load(src.with_suffix(".pt"), weights_only=True))
     data = CrownData(train_cfg, 4)
     with torch.no_grad():
         cases = validation_cases(net, data.scenes, train_cfg, n_savanna=8)

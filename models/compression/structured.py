@@ -290,3 +290,39 @@ def prune_pfp(model: nn.Module, input_shape: tuple[int, int, int], batches: list
     prune_channels(plan, keep, scores)
     return model, {"method": "pfp", "epsilon": sol.level, "keep": keep.tolist(),
                    "groups": [g.root_name for g in plan.groups]}
+
+
+def rebuild_pruned(dense: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The channel-pruned network whose weights are ``state_dict``, rebuilt on the dense architecture.
+
+    Channel removal changes only tensor shapes, never the module graph, so every Conv2d, BatchNorm2d and
+    Linear of ``dense`` whose weight shape differs from the state dict is replaced by one of the pruned
+    shape (same kernel, stride, padding, dilation; grouped and depthwise convs keep their channel ratio).
+    This loads a pruned model from a plain state dict (``torch.load(weights_only=True)``), never from a
+    pickled module. ``dense`` is changed in place and returned in eval mode. Factorised (ALDS) networks
+    change the graph and are refused."""
+    modules = dict(dense.named_modules())
+    extra = sorted({k.rsplit(".", 1)[0] for k in state_dict} - set(modules) - {""})
+    if extra:
+        raise ValueError(f"state dict has modules the dense network lacks ({extra[:3]}): not a "
+                         "channel-pruned copy of it (ALDS factorisations cannot be rebuilt this way)")
+    for name, m in modules.items():
+        w = state_dict.get(f"{name}.weight")
+        if w is None or w.shape == m.weight.shape:
+            continue
+        if isinstance(m, nn.Conv2d):
+            out_ch, in_per_group = w.shape[0], w.shape[1]
+            groups = 1 if m.groups == 1 else out_ch * m.groups // m.out_channels
+            new = nn.Conv2d(in_per_group * groups, out_ch, m.kernel_size, m.stride, m.padding, m.dilation,
+                            groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+        elif isinstance(m, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(w.shape[0], m.eps, m.momentum, m.affine, m.track_running_stats)
+        elif isinstance(m, nn.Linear):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+        else:
+            raise ValueError(f"{name}: a {type(m).__name__} changed shape; only Conv2d, BatchNorm2d and "
+                             "Linear layers can be rebuilt")
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else dense, attr, new)
+    dense.load_state_dict(state_dict)
+    return dense.eval()
