@@ -102,3 +102,31 @@ def test_evaluate_runs_the_engine_on_a_disc_scene(tmp_path, write_geotiff, disc_
                                     crown_model=model, threads=1)
     assert res2["headline"] == "polygon"
     assert res2["scores"]["polygon"]["thresholds"]["0.4"] == res["scores"]["ellipse"]["thresholds"]["0.4"]
+
+
+def test_evaluate_cli_with_tta(tmp_path, write_geotiff, disc_scene):
+    """`forest-inventory evaluate --tta`: the tiny model is per-pixel, so the four views give the same
+    crowns; the metrics record that TTA was on."""
+    import json
+
+    from affine import Affine
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.tiny_models import write_crown_model
+
+    discs = [(30, 30, 12), (30, 90, 10), (90, 40, 14), (95, 100, 11)]
+    write_geotiff(tmp_path / "o.tif", disc_scene(128, discs), Affine(0.1, 0, 400000, 0, -0.1, 3000000),
+                  "EPSG:32617")
+    rows = ["image_path,xmin,ymin,xmax,ymax,label"] + [
+        f"o.tif,{c - r},{rr - r},{c + r},{rr + r},Tree" for rr, c, r in discs]
+    (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
+    model = write_crown_model(tmp_path / "m.onnx", tile_size=128, overlap_px=48,
+                              postprocess={"min_area_m2": 0.5, "seed_min_distance_m": 1.5})
+    args = ["evaluate", str(tmp_path / "o.tif"), "--truth", str(tmp_path / "truth.csv"), "--crown-model",
+            str(model), "--out", str(tmp_path / "ev"), "--threads", "1", "--tta"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "ev" / "crown_metrics.json").read_text())
+    assert metrics["tta"] is True and metrics["f1_iou0.4"] == 1.0
+    assert "test-time augmentation" in (tmp_path / "ev" / "crown_metrics.md").read_text()
