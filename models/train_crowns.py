@@ -40,6 +40,7 @@ from models.datasets.splits import block_split
 from models.export import export_onnx, normalise_uint8
 from models.nets import CROWN_CLASS_NAMES, SegNetConfig, build_crown_net, count_parameters
 from pipeline.errors import InputError
+from pipeline.tta import VIEWS as TTA_VIEWS
 
 NEON_DIR = Path(__file__).parent / "data" / "neon"
 DEFAULT_ANNOTATIONS = (
@@ -295,7 +296,7 @@ def predict_image(net: nn.Module, rgb: np.ndarray, tta: bool = False) -> np.ndar
     x = torch.zeros(1, 3, ph, pw)
     x[0, :, :h, :w] = torch.from_numpy(rgb).float()
     x = normalise(x)
-    variants = [(False, 0), (True, 0), (False, 1), (True, 3)] if tta else [(False, 0)]
+    variants = TTA_VIEWS if tta else ((False, 0),)  # the engine's --tta views: its thresholds come from here
     acc = torch.zeros(1, 3, ph, pw)
     for flip, k in variants:
         xi = x.flip(-1) if flip else x
@@ -437,6 +438,14 @@ def calibrate_postprocess(
     return best, best_metrics
 
 
+def calibrate_on_validation(net: nn.Module, scenes: list[Scene], cfg: TrainCrownsConfig, tta: bool = False,
+                            log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, float]]:
+    """Post-processing thresholds of ``net`` chosen on its held-out validation (:func:`validation_cases`,
+    with or without test-time augmentation) and the validation scores they give, rounded to 4 places."""
+    post, metrics = calibrate_postprocess(validation_cases(net, scenes, cfg, tta=tta), cfg.gsd_m, log)
+    return post, {k: round(float(v), 4) for k, v in metrics.items()}
+
+
 def _training_data_summary(cfg: TrainCrownsConfig) -> str:
     """One line for the ONNX metadata: what the model was trained on."""
     if list(cfg.boxes) == list(DEFAULT_ANNOTATIONS) and not cfg.polygons:
@@ -494,9 +503,7 @@ def run_training(
     res = train_crowns(cfg, log=log, resume=resume)
     net, scenes = res["net"], res["scenes"]
     t1 = time.time()
-    cases = validation_cases(net, scenes, cfg, tta=tta)
-    post, metrics = calibrate_postprocess(cases, cfg.gsd_m, log)
-    metrics = {k: round(float(v), 4) for k, v in metrics.items()}
+    post, metrics = calibrate_on_validation(net, scenes, cfg, tta=tta, log=log)
     metrics.update(
         {
             "iou": "box (predicted crown envelope vs reference box)",

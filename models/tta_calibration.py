@@ -24,14 +24,11 @@ def calibrate_tta(checkpoint: str | Path, onnx_path: str | Path, out: str | Path
     import torch
 
     from models.export import copy_with_metadata
-    from models.train_crowns import calibrate_postprocess, load_crown_net, load_scenes, validation_cases
+    from models.train_crowns import calibrate_on_validation, load_crown_net, load_scenes
 
     torch.set_num_threads(max(1, threads))
     net, cfg = load_crown_net(checkpoint)
-    with torch.no_grad():
-        cases = validation_cases(net, load_scenes(cfg), cfg, tta=True)
-    post, metrics = calibrate_postprocess(cases, cfg.gsd_m, log)
-    scores = {k: round(float(v), 4) for k, v in metrics.items()}
+    post, scores = calibrate_on_validation(net, load_scenes(cfg), cfg, tta=True, log=log)
     meta = {"postprocess_tta": post, "validation_metrics_tta": scores}
     copy_with_metadata(onnx_path, out or onnx_path, meta)
     return meta

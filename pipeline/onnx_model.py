@@ -77,12 +77,13 @@ def parse_metadata(path: Path, props: dict[str, str]) -> ModelMeta:
     if gsd_m <= 0 or tile_size <= 0 or overlap_px < 0 or overlap_px >= tile_size:
         raise InputError(f"{path}: metadata needs gsd_m > 0, tile_size > 0 and 0 <= overlap_px < tile_size "
                          f"(got {gsd_m}, {tile_size}, {overlap_px})")
-    metrics = _json_value(path, "validation_metrics", props["validation_metrics"]) \
-        if "validation_metrics" in props else {}
-    compression = _json_value(path, "compression", props["compression"]) if "compression" in props else None
-    postprocess = _json_value(path, "postprocess", props["postprocess"]) if "postprocess" in props else {}
-    postprocess_tta = _json_value(path, "postprocess_tta", props["postprocess_tta"]) \
-        if "postprocess_tta" in props else {}
+    def optional(key: str, default: Any) -> Any:
+        return _json_value(path, key, props[key]) if key in props else default
+
+    metrics = optional("validation_metrics", {})
+    compression = optional("compression", None)
+    postprocess = optional("postprocess", {})
+    postprocess_tta = optional("postprocess_tta", {})
     for key, value in (("postprocess", postprocess), ("postprocess_tta", postprocess_tta)):
         if not isinstance(value, dict):
             raise InputError(f"{path}: metadata {key!r} must be a JSON object of thresholds")

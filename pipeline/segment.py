@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -82,6 +83,7 @@ def predict_tiles(model: OnnxModel, ortho: Ortho, tiles: Iterable[Tile], batch_s
     if tiles and (int(tiles[0].window.width) != size or int(tiles[0].window.height) != size):
         raise ValueError(f"tiles are {tiles[0].window.width} px but the model takes {size} px")
     reader = _read_batches(ortho, tiles, max(1, int(batch_size)), on_skip)
+    infer = partial(predict_with_tta, model.run) if tta else model.run
     # three stages overlap: the reader thread reads batch k+1, ONNX Runtime (which releases the GIL) runs
     # batch k in the model thread, and the caller post-processes batch k-1
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reads, \
@@ -93,10 +95,7 @@ def predict_tiles(model: OnnxModel, ortho: Ortho, tiles: Iterable[Tile], batch_s
             current = None
             if batch is not None:
                 next_batch = reads.submit(next, reader, None)
-                stack = np.stack([rgb for _, rgb, _ in batch])
-                job = (runs.submit(predict_with_tta, model.run, stack) if tta
-                       else runs.submit(model.run, stack))
-                current = (batch, job)
+                current = (batch, runs.submit(infer, np.stack([rgb for _, rgb, _ in batch])))
             if previous is not None:
                 done, probs = previous[0], previous[1].result()
                 for (tile, _, valid), p in zip(done, probs, strict=True):

@@ -434,39 +434,46 @@ def _crown_patch(trees: _Trees, i: int, seed: int, origin: tuple[float, float], 
     # map y grows to the north but rows grow to the south: d z / d y_map = -gy
     nx, ny, nz = -gx, gy, np.ones_like(z)
     lam = (nx * sun[0] + ny * sun[1] + nz * sun[2]) / np.sqrt(nx * nx + ny * ny + 1.0)
-    shade = 0.45 + 0.65 * np.clip(lam, 0, 1)
-    # foliage texture from the tree's own seed on its own patch (independent of the window)
+    # foliage texture from the tree's own seed on its own patch (independent of the window); both grids are
+    # drawn for either look so that the random stream is the same
     rng = np.random.default_rng([seed, 31, *trees.uid[i].tolist()])
     hh, ww = z.shape
     cell = max(s.texture_cell_m / gsd_m, 1.0)
     g1 = rng.random((int(hh / cell) + 3, int(ww / cell) + 3)).astype(np.float32)
     fine_cell = max(cell / 3.0, 1.0)
     g2 = rng.random((int(hh / fine_cell) + 3, int(ww / fine_cell) + 3)).astype(np.float32)
-    tex1 = _upsample_grid(g1, cell, hh, ww)
     tex2 = _upsample_grid(g2, fine_cell, hh, ww)
+    col = np.array(s.colour, dtype=np.float32) * trees.colour[i].astype(np.float32)
+    if crown_style == "clumped":
+        rgb = _clumped_colour(trees, i, s, seed, col, lam, gap, tex2)
+        return r_lo, c_lo, inside, z.astype(np.float32), rgb
+    shade = 0.45 + 0.65 * np.clip(lam, 0, 1)
+    tex1 = _upsample_grid(g1, cell, hh, ww)
     if s.tufted:
         tuft = np.clip((tex1 - 0.38) * 4.0, 0, 1)
         tex = 0.50 + 0.62 * tuft + 0.18 * (tex2 - 0.5)
     else:
         tex = 1.0 + s.texture_amp * 2 * (tex1 - 0.5) + 0.5 * s.texture_amp * 2 * (tex2 - 0.5)
     edge = 1.0 - 0.25 * np.clip((rr - 0.75) / 0.25, 0, 1)
-    col = np.array(s.colour, dtype=np.float32) * trees.colour[i].astype(np.float32)
-    if crown_style == "clumped":
-        # half the species colour, half a foliage colour of the tree's own (pale yellow-green to dark green)
-        crng = np.random.default_rng([seed, 41, *trees.uid[i].tolist()])
-        g = crng.uniform(0.22, 0.55)
-        own = np.array([g * crng.uniform(0.55, 1.0), g, g * crng.uniform(0.35, 0.75)], np.float32)
-        col = 0.5 * col + 0.5 * own
-        # sunlit clump tops, dark gaps between clumps, a fine needle/leaf grain
-        lum = (0.25 + 1.05 * np.clip(lam, 0, 1) ** 1.5) * (1.0 - 0.65 * gap) * (0.9 + 0.25 * (tex2 - 0.5) * 2)
-        lum = (lum * (1.2 if s.tufted else 1.0)).astype(np.float32)  # sunlit needle tufts
-        # sunlit foliage turns yellower (specular and translucent light), shade turns bluer
-        warm = np.clip(lum - 0.8, 0, None)
-        rgb = col[:, None, None] * lum[None] + np.array([0.10, 0.08, -0.02], np.float32)[:, None, None] * warm
-        return r_lo, c_lo, inside, z.astype(np.float32), rgb.astype(np.float32)
     lum = (shade * tex * edge).astype(np.float32)
     rgb = col[:, None, None] * lum[None]
     return r_lo, c_lo, inside, z.astype(np.float32), rgb
+
+
+def _clumped_colour(trees: _Trees, i: int, s: SpeciesLook, seed: int, col: np.ndarray, lam: np.ndarray,
+                    gap: np.ndarray, grain: np.ndarray) -> np.ndarray:
+    """Linear RGB [3, h, w] of a clumped crown: sunlit clump tops, dark gaps, a fine needle/leaf grain."""
+    # half the species colour, half a foliage colour of the tree's own (pale yellow-green to dark green)
+    crng = np.random.default_rng([seed, 41, *trees.uid[i].tolist()])
+    g = crng.uniform(0.22, 0.55)
+    own = np.array([g * crng.uniform(0.55, 1.0), g, g * crng.uniform(0.35, 0.75)], np.float32)
+    col = 0.5 * col + 0.5 * own
+    lum = (0.25 + 1.05 * np.clip(lam, 0, 1) ** 1.5) * (1.0 - 0.65 * gap) * (0.9 + 0.25 * (grain - 0.5) * 2)
+    lum = (lum * (1.2 if s.tufted else 1.0)).astype(np.float32)  # sunlit needle tufts
+    # sunlit foliage turns yellower (specular and translucent light), shade turns bluer
+    warm = np.clip(lum - 0.8, 0, None)
+    rgb = col[:, None, None] * lum[None] + np.array([0.10, 0.08, -0.02], np.float32)[:, None, None] * warm
+    return rgb.astype(np.float32)
 
 
 def _clump_surface(trees: _Trees, i: int, s: SpeciesLook, seed: int, z: np.ndarray, inside: np.ndarray,
@@ -491,12 +498,11 @@ def _clump_surface(trees: _Trees, i: int, s: SpeciesLook, seed: int, z: np.ndarr
     rho = np.sqrt(rng.uniform(0, 1, n)) * np.maximum(r_out - 0.3 * rc, 0.2 * r_out)  # rims stay ragged
     cx, cy = rho * np.cos(theta), rho * np.sin(theta)
     xs, ys = dx[0], dy[:, 0]
+    ys_up, n_rows = ys[::-1], len(ys)  # dy decreases down the rows: search on the reversed axis
     surf = np.full(z.shape, -np.inf, dtype=np.float64)
     for x0, y0, r in zip(cx, cy, rc, strict=True):
         c0, c1 = np.searchsorted(xs, [x0 - r, x0 + r])
-        # dy decreases down the rows: search on the reversed axis
-        n_rows = len(ys)
-        r1, r0 = n_rows - np.searchsorted(ys[::-1], [y0 - r, y0 + r])
+        r1, r0 = n_rows - np.searchsorted(ys_up, [y0 - r, y0 + r])
         if c0 >= c1 or r0 >= r1:
             continue
         d2 = ((xs[c0:c1][None, :] - x0) ** 2 + (ys[r0:r1][:, None] - y0) ** 2) / (r * r)

@@ -286,7 +286,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             res.before = count_cost(dense_net, (3, tile, tile))
             res.after = count_cost(res.model, (3, tile, tile))
             res.input_shape = (3, tile, tile)
-            path = out_dir / f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}.onnx"
+            stem = f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}"
+            path = out_dir / f"{stem}.onnx"
             meta = dict(dense_meta)
             meta["model_version"] = (
                 f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
@@ -295,7 +296,6 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             ev = evaluate_onnx(path, cfg, shift_images)
             ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
             # a plain state dict: loaded with weights_only=True and rebuilt by structured.rebuild_pruned
-            stem = f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}"
             torch.save(res.model.state_dict(), out_dir / f"{stem}.pt")
             results["runs"][key] = {
                 "method": method,
@@ -353,29 +353,24 @@ def recalibrate_run(cfg: StudyConfig, key: str, log=print) -> dict:
     :data:`models.train_crowns.PARAM_GRID` on the run's held-out validation (real blocks + 8 open-ground
     chips; never the study image), writes a copy of the run's ONNX with those thresholds in its metadata
     (``<name>-cal.onnx``) and evaluates it as a new run ``<key>-cal``: study image, shifts, validation."""
+    from models.compression.structured import rebuild_pruned
     from models.export import copy_with_metadata
-    from models.train_crowns import calibrate_postprocess, load_crown_net, validation_cases
+    from models.train_crowns import calibrate_on_validation, load_crown_net, load_scenes
+    from pipeline.errors import InputError
 
     results = load_results(cfg.results)
     if key not in results["runs"]:
-        from pipeline.errors import InputError
-
         raise InputError(f"{cfg.results}: no run {key!r}; finished runs: {', '.join(results['runs'])}")
     run = results["runs"][key]
     src = Path(run["onnx"])
-    from models.compression.structured import rebuild_pruned
-
     dense, train_cfg = load_crown_net(cfg.checkpoint)
     net = rebuild_pruned(dense, torch.load(src.with_suffix(".pt"), weights_only=True))
-    data = CrownData(train_cfg, 4)
-    with torch.no_grad():
-        cases = validation_cases(net, data.scenes, train_cfg, n_savanna=8)
-    post, metrics = calibrate_postprocess(cases, train_cfg.gsd_m, log)
+    post, metrics = calibrate_on_validation(net, load_scenes(train_cfg), train_cfg, log=log)
     dst = copy_with_metadata(src, src.with_name(src.stem + "-cal.onnx"), {"postprocess": post})
     ev = evaluate_onnx(dst, cfg, prepare_shift_images(cfg))
     new = dict(run, onnx=str(dst), tag=run.get("tag", "") + "-cal", postprocess=post,
                postprocess_source="own held-out validation (models.train_crowns.calibrate_postprocess)",
-               validation={k: round(float(v), 4) for k, v in metrics.items()}, **ev)
+               validation=metrics, **ev)
     new.pop("latency", None)
     new.pop("latency_session", None)
     results["runs"][key + "-cal"] = new
