@@ -12,6 +12,7 @@ from affine import Affine  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models.compression.finetune import (  # noqa: E402
+    MixupViews,
     distillation_loss,
     finetune,
     iterative_ratios,
@@ -129,6 +130,47 @@ def test_distillation_loss_is_zero_for_the_teacher_and_pulls_a_student_towards_i
     with torch.no_grad():
         assert distillation_loss(student(x), teacher, x, 2.0).item() < before
     assert rec["distillation"] == {"weight": 1.0, "temperature": 2.0}
+
+
+def test_mixup_views_are_reproducible_convex_mixes_of_batch_pairs():
+    x = torch.arange(4, dtype=torch.float32).reshape(4, 1, 1, 1) * torch.ones(4, 2, 3, 3)
+    views = MixupViews(alpha=1.0, seed=7)
+    lam, perm = views.lambdas_and_partners(4, step=3)
+    out = views(x, 3)
+    for b in range(4):  # known answer: lam_b * b + (1 - lam_b) * perm_b, everywhere in the sample
+        assert torch.allclose(out[b], torch.full((2, 3, 3), float(lam[b] * b + (1 - lam[b]) * perm[b])))
+    assert sorted(perm.tolist()) == [0, 1, 2, 3] and ((lam > 0) & (lam < 1)).all()
+    assert torch.equal(views(x, 3), out) and not torch.equal(views(x, 4), out)
+    with pytest.raises(ValueError, match="alpha"):
+        MixupViews(alpha=0.0)
+
+
+def test_function_matching_distils_on_the_views_and_skips_the_task_term_at_weight_one():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 3, 1))
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.zeros(4, 8, 8, dtype=torch.long)
+    views = MixupViews(alpha=0.5, seed=1)
+    seen = []
+
+    def task_loss(out, target):
+        seen.append(out.shape)
+        return torch.nn.functional.cross_entropy(out, target)
+
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    mixed = torch.cat([views(x, i) for i in range(3)])
+    with torch.no_grad():
+        before = distillation_loss(student(mixed), teacher, mixed, 2.0).item()
+    rec = finetune(student, lambda i: (x, y), task_loss, 60, 1e-2, lambda i: 1.0, teacher=teacher,
+                   distill_weight=1.0, distill_inputs=views)
+    assert seen == []  # weight 1: the labels are never used
+    with torch.no_grad():
+        assert distillation_loss(student(mixed), teacher, mixed, 2.0).item() < before
+    assert rec["distillation"]["inputs"] == "mixup views, lam ~ Beta(0.5, 0.5)"
+    finetune(student, lambda i: (x, y), task_loss, 2, 1e-2, lambda i: 1.0, teacher=teacher,
+             distill_weight=0.5, distill_inputs=views)
+    assert len(seen) == 2  # weight 0.5: the task term on the batch itself, once a step
 
 
 def _results():

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.compression.compress import compress, export_compressed
-from models.compression.finetune import finetune, rewound_schedule
+from models.compression.finetune import MixupViews, finetune, rewound_schedule
 from models.compression.results import load_results, save_results
 from models.compression.robustness import SHIFTS, evaluate_f1, evaluate_under_shifts, shifted_copies
 
@@ -47,6 +47,7 @@ class StudyConfig:
     alds_k_max: int = 8
     tag: str = ""  # suffix of the run keys/files, e.g. "-ft100" for a longer fine-tune of the same method
     distill: float = 0.0  # weight of distillation from the dense model in the fine-tune loss (0: none)
+    distill_mixup: float = 0.0  # > 0: distil on mixup views with lam ~ Beta(a, a) (function matching)
     threads: int = 2
     image: str = "sample_data/OSBS_029.tif"
     truth: str = "sample_data/OSBS_029.csv"
@@ -126,9 +127,11 @@ def run_finetune(
     total_steps: int | None = None,
     teacher: nn.Module | None = None,
     distill_weight: float = 0.5,
+    distill_mixup: float = 0.0,
 ) -> dict:
     """LR-rewinding fine-tune: replay the ``steps`` schedule steps before ``total_steps`` (default: the
-    configured iterations) of the crown model's own LR schedule; with a ``teacher``, distil from it."""
+    configured iterations) of the crown model's own LR schedule; with a ``teacher``, distil from it (on
+    mixup views of each batch when ``distill_mixup`` > 0)."""
     from models.train_crowns import _lr_factor
 
     total = int(total_steps or train_cfg.iterations)
@@ -146,6 +149,7 @@ def run_finetune(
         log=log,
         teacher=teacher,
         distill_weight=distill_weight,
+        distill_inputs=MixupViews(distill_mixup, seed=step_offset) if distill_mixup > 0 else None,
     )
     rec["lr_rewinding"] = f"LR schedule replayed from step {max(0, total - steps)} to {total}"
     return rec
@@ -279,6 +283,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                 total_steps=total,
                 teacher=dense_net if cfg.distill > 0 else None,
                 distill_weight=cfg.distill,
+                distill_mixup=cfg.distill_mixup,
             )
             res.details["finetune"] = ft
             from models.compression.cost import count_cost
@@ -488,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shifts", default=",".join(SHIFTS), help="comma-separated shift names")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of distillation from the dense model in the fine-tune loss (0: none)")
+    ap.add_argument("--distill-mixup", type=float, default=0.0,
+                    help="> 0: distil on mixup views of each batch, lam ~ Beta(A, A) (function matching)")
     a = ap.parse_args(argv)
     cfg = StudyConfig(
         checkpoint=a.checkpoint,
@@ -502,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         shifts=a.shifts.split(","),
         tag=a.tag,
         distill=a.distill,
+        distill_mixup=a.distill_mixup,
     )
     if a.reevaluate:
         reevaluate(cfg)

@@ -8,6 +8,9 @@ SiPP masks are re-applied after every optimiser step so pruned weights stay zero
 Knowledge distillation (Hinton et al., 2015) is optional: with a ``teacher`` (the dense network), the loss
 is (1 - a) * task loss + a * T^2 * KL(teacher || student) of the per-pixel class distributions softened
 by temperature T, so the pruned network learns the dense one's soft boundaries, not only the labels.
+With ``distill_inputs`` the distillation term is computed on other views of the batch than the task term
+("function matching", Beyer et al., 2022: student and teacher see the same view, and mixing images
+(``mixup_views``) asks the student to copy the teacher on inputs away from the training images too).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import copy
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,12 +48,15 @@ def finetune(
     teacher: nn.Module | None = None,
     distill_weight: float = 0.5,
     temperature: float = 2.0,
+    distill_inputs: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``net`` in place for ``steps`` AdamW steps with LR ``lr * lr_factor(i)``.
 
     ``batch_at(i)`` returns (inputs, targets) for step i; stops early at ``time_limit_s``. With a
     ``teacher``, the loss mixes in distillation (module docstring). Returns a record {"steps", "seconds",
-    "loss_first", "loss_last"} (plus "distillation" with a teacher).
+    "loss_first", "loss_last"} (plus "distillation" with a teacher). ``distill_inputs(x, i)`` gives the
+    view of batch i the distillation term sees (default: ``x`` itself); with ``distill_weight`` 1 the task
+    term and its forward pass are skipped.
     """
     if teacher is not None:
         teacher.eval()
@@ -63,11 +70,18 @@ def finetune(
     done = 0
     for i in range(steps):
         x, y = batch_at(i)
-        out = net(x)
-        loss = loss_fn(out, y)
-        if teacher is not None:
-            soft = distillation_loss(out, teacher, x, temperature)
-            loss = (1.0 - distill_weight) * loss + distill_weight * soft
+        if teacher is None:
+            loss = loss_fn(net(x), y)
+        else:
+            xd = x if distill_inputs is None else distill_inputs(x, i)
+            if distill_weight >= 1.0:
+                loss = distillation_loss(net(xd), teacher, xd, temperature)
+            else:
+                out = net(x)
+                out_d = out if xd is x else net(xd)
+                loss = (1.0 - distill_weight) * loss_fn(out, y) + distill_weight * distillation_loss(
+                    out_d, teacher, xd, temperature
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,7 +104,31 @@ def finetune(
     }
     if teacher is not None:
         rec["distillation"] = {"weight": distill_weight, "temperature": temperature}
+        if distill_inputs is not None:
+            rec["distillation"]["inputs"] = getattr(distill_inputs, "describe", "custom views")
     return rec
+
+
+class MixupViews:
+    """Mixup views of a batch for function matching: sample b becomes lam_b * x_b + (1 - lam_b) * x_p(b),
+    with lam_b ~ Beta(alpha, alpha) and p a random permutation, both drawn from ``seed`` + the step (so a
+    step's views are reproducible). Inputs keep their units (normalised pixels)."""
+
+    def __init__(self, alpha: float = 1.0, seed: int = 0):
+        if alpha <= 0:
+            raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+        self.alpha, self.seed = alpha, seed
+        self.describe = f"mixup views, lam ~ Beta({alpha:g}, {alpha:g})"
+
+    def lambdas_and_partners(self, n: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        lam = rng.beta(self.alpha, self.alpha, size=n)
+        return torch.from_numpy(lam), torch.from_numpy(rng.permutation(n))
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        lam, perm = self.lambdas_and_partners(len(x), step)
+        lam = lam.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return lam * x + (1.0 - lam) * x[perm]
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor,
