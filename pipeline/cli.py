@@ -237,19 +237,31 @@ def evaluate_cmd(
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads (default: all cores)"),
     bands: str | None = typer.Option(None, "--bands", help="red,green,blue band numbers [default: auto]"),
     tta: bool = typer.Option(False, "--tta", help="test-time augmentation: 4 flipped/rotated views a tile"),
+    compare_to: str = typer.Option(None, "--compare-to", help="baseline crown model (e.g. models/zoo/"
+                                   "crowns-dense.onnx): F1 difference, paired block-bootstrap interval"),
+    block_m: float = typer.Option(10.0, "--block-m", help="bootstrap block side for --compare-to, m"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Crown precision/recall/F1 at IoU 0.4 and 0.5 (Hungarian matching), area error and pixel IoU."""
     from pipeline.evaluation.run import evaluate_crowns_on_image
 
+    if compare_to is not None and not Path(compare_to).is_file():
+        raise InputError(f"{compare_to}: baseline crown model not found; pass an ONNX file to --compare-to")
     res = evaluate_crowns_on_image(image, truth, out, crown_model=crown_model, threads=threads,
-                                   bands=parse_bands(bands) if bands else None, tta=tta)
+                                   bands=parse_bands(bands) if bands else None, tta=tta,
+                                   compare_to=compare_to, block_m=block_m)
     head = res["scores"][res["headline"]]
     t4, t5 = head["thresholds"]["0.4"], head["thresholds"]["0.5"]
     typer.echo(f"{head['n_pred']} predicted / {head['n_truth']} reference crowns ({res['headline']} IoU): "
                f"F1@0.4 {t4['f1']:.3f} (P {t4['precision']:.3f} R {t4['recall']:.3f}), "
                f"F1@0.5 {t5['f1']:.3f}; "
                f"written {out}/crown_metrics.json and .md")
+    if "paired" in res:
+        p = res["paired"]
+        typer.echo(f"against {compare_to}: {p['delta_points']:+.1f} F1 points (90 % interval "
+                   f"{p['ci_points'][0]:+.1f} to {p['ci_points'][1]:+.1f}, block bootstrap); within "
+                   f"{p['tolerance_points']:g} point in {100 * p['share_within_tolerance']:.0f} % of "
+                   "resamples")
 
 
 

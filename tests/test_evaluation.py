@@ -130,3 +130,42 @@ def test_evaluate_cli_with_tta(tmp_path, write_geotiff, disc_scene):
     metrics = json.loads((tmp_path / "ev" / "crown_metrics.json").read_text())
     assert metrics["tta"] is True and metrics["f1_iou0.4"] == 1.0
     assert "test-time augmentation" in (tmp_path / "ev" / "crown_metrics.md").read_text()
+
+
+def test_evaluate_cli_compare_to_a_baseline_model(tmp_path, write_geotiff, disc_scene):
+    """`--compare-to`: the F1 difference against a baseline model on the same references, with its
+    bootstrap interval; a missing baseline is a one-line error (exit 2)."""
+    import json
+
+    from affine import Affine
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.tiny_models import write_crown_model
+
+    discs = [(30, 30, 12), (30, 90, 10), (90, 40, 14), (95, 100, 11)]
+    write_geotiff(tmp_path / "o.tif", disc_scene(128, discs), Affine(0.1, 0, 400000, 0, -0.1, 3000000),
+                  "EPSG:32617")
+    rows = ["image_path,xmin,ymin,xmax,ymax,label"] + [
+        f"o.tif,{c - r},{rr - r},{c + r},{rr + r},Tree" for rr, c, r in discs]
+    (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
+    base = write_crown_model(tmp_path / "base.onnx", tile_size=128, overlap_px=48,
+                             postprocess={"min_area_m2": 0.5, "seed_min_distance_m": 1.5})
+    # the same network with a minimum crown area above the smallest disc's (pi * 1 m^2): 3 of 4 crowns
+    strict = write_crown_model(tmp_path / "strict.onnx", tile_size=128, overlap_px=48,
+                               postprocess={"min_area_m2": 3.5, "seed_min_distance_m": 1.5})
+    args = ["evaluate", str(tmp_path / "o.tif"), "--truth", str(tmp_path / "truth.csv"), "--crown-model",
+            str(strict), "--out", str(tmp_path / "ev"), "--threads", "1", "--block-m", "5",
+            "--compare-to", str(base)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    paired = json.loads((tmp_path / "ev" / "crown_metrics.json").read_text())["paired"]
+    assert paired["f1_a"] == 1.0 and paired["f1_b"] == pytest.approx(6 / 7)
+    assert paired["delta_points"] == pytest.approx(100 * (6 / 7 - 1))
+    # one crown in each of 4 blocks of 5 m: resamples missing the lost crown's block, (3/4)^4, tie
+    assert paired["n_blocks"] == 4 and paired["share_within_tolerance"] == pytest.approx(0.75**4, abs=0.03)
+    assert paired["ci_points"][1] == pytest.approx(0.0) and paired["baseline_model"] == str(base)
+    assert "-14.3 F1 points" in res.output
+    assert "Against the baseline" in (tmp_path / "ev" / "crown_metrics.md").read_text()
+    missing = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "nope.onnx")])
+    assert missing.exit_code == 2 and "nope.onnx: baseline crown model not found" in missing.output

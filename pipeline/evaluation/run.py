@@ -17,32 +17,27 @@ from shapely.geometry import box as shapely_box
 
 from pipeline.atomic import atomic_path
 from pipeline.evaluation.crowns import crown_metrics, metrics_markdown, write_metrics
+from pipeline.evaluation.paired import paired_f1_difference, paired_markdown
 from pipeline.evaluation.reference import read_reference
 
 
-def evaluate_crowns_on_image(
+def predict_crowns_on_image(
     image: str | os.PathLike,
-    truth: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
     crown_model: str | os.PathLike | None = None,
     threads: int | None = None,
     bands: tuple[int, int, int] = (1, 2, 3),
     postprocess: dict[str, float] | None = None,
     tta: bool = False,
-) -> dict[str, Any]:
-    """Segment ``image`` with the crown model, match crowns to ``truth``, write crown_metrics.json/.md and
-    predicted_crowns.geojson into ``out_dir``; return the metrics dict.
-
-    Box references are scored twice: predicted crown envelopes vs boxes (``box``, the NeonTreeEvaluation
-    convention and the headline) and predicted polygons vs the boxes' inscribed ellipses (``ellipse``).
-    """
+):
+    """Crown polygons of ``image`` from the engine's crown stages (intermediate tiles under ``work_dir``)
+    -> (GeoDataFrame in the image CRS, a record of the model, GSD (m), postprocess, TTA, seconds, CRS)."""
     from pipeline.inventory import InventoryConfig, collect_crowns, infer_group, validate
 
-    out_dir = Path(out_dir)
     t0 = time.time()
     cfg = InventoryConfig(
         ortho=Path(image),
-        out_dir=out_dir,
+        out_dir=Path(work_dir),
         crown_model=Path(crown_model) if crown_model else None,
         use_species_model=False,
         threads=threads,
@@ -56,25 +51,52 @@ def evaluate_crowns_on_image(
         crowns = collect_crowns(plan, paths)
     finally:
         plan.close()
-    seconds = time.time() - t0
-    pred = list(crowns.geometry)
-    result: dict[str, Any] = {
-        "image": str(image),
-        "truth": str(truth),
+    return crowns, {
         "crown_model": str(plan.crown_model_path),
         "crown_model_version": plan.crown_meta.model_version,
         "crown_model_sha256": plan.models.get(plan.crown_model_path.stem),
         "gsd_m": plan.gsd_m,
         "postprocess": plan.postprocess,
         "tta": tta,
-        "seconds": round(seconds, 2),
-        "scores": {},
+        "seconds": round(time.time() - t0, 2),
+        "crs": plan.crs,
     }
+
+
+def evaluate_crowns_on_image(
+    image: str | os.PathLike,
+    truth: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    crown_model: str | os.PathLike | None = None,
+    threads: int | None = None,
+    bands: tuple[int, int, int] = (1, 2, 3),
+    postprocess: dict[str, float] | None = None,
+    tta: bool = False,
+    compare_to: str | os.PathLike | None = None,
+    block_m: float = 10.0,
+) -> dict[str, Any]:
+    """Segment ``image`` with the crown model, match crowns to ``truth``, write crown_metrics.json/.md and
+    predicted_crowns.geojson into ``out_dir``; return the metrics dict.
+
+    With ``compare_to`` (a baseline crown model, e.g. the dense one beside a compressed one), the headline
+    F1@0.4 of this model minus the baseline's is added as ``paired``, with a spatial block bootstrap
+    interval over ``block_m`` (m) blocks (``pipeline.evaluation.paired``).
+
+    Box references are scored twice: predicted crown envelopes vs boxes (``box``, the NeonTreeEvaluation
+    convention and the headline) and predicted polygons vs the boxes' inscribed ellipses (``ellipse``).
+    """
+    out_dir = Path(out_dir)
+    crowns, result = predict_crowns_on_image(image, out_dir, crown_model, threads, bands, postprocess, tta)
+    seconds = result["seconds"]
+    pred = list(crowns.geometry)
+    result = {"image": str(image), "truth": str(truth), **result, "scores": {}}
+    crs = result.pop("crs")
     is_boxes = Path(truth).suffix.lower() in {".csv", ".xml"}
     md = []
     if is_boxes:
-        ref_box, _ = read_reference(truth, image, plan.crs, shape="box")
+        ref_box, _ = read_reference(truth, image, crs, shape="box")
         envelopes = [shapely_box(*g.bounds) for g in pred]
+        head_pred, head_ref = envelopes, ref_box
         result["scores"]["box"] = crown_metrics(envelopes, ref_box)
         md.append(
             metrics_markdown(
@@ -82,23 +104,32 @@ def evaluate_crowns_on_image(
                 "Crowns vs reference boxes (predicted envelopes, NeonTreeEvaluation convention)",
             )
         )
-        ref_ell, _ = read_reference(truth, image, plan.crs, shape="ellipse")
+        ref_ell, _ = read_reference(truth, image, crs, shape="ellipse")
         result["scores"]["ellipse"] = crown_metrics(pred, ref_ell)
         md.append(
             metrics_markdown(result["scores"]["ellipse"], "Crown polygons vs ellipses inscribed in the boxes")
         )
         result["headline"] = "box"
     else:
-        ref, _ = read_reference(truth, image, plan.crs)
+        ref, _ = read_reference(truth, image, crs)
+        head_pred, head_ref = pred, ref
         result["scores"]["polygon"] = crown_metrics(pred, ref)
         md.append(metrics_markdown(result["scores"]["polygon"], "Crown polygons vs reference polygons"))
         result["headline"] = "polygon"
     head = result["scores"][result["headline"]]["thresholds"]
     result["f1_iou0.4"] = head["0.4"]["f1"]
     result["f1_iou0.5"] = head["0.5"]["f1"]
+    if compare_to is not None:
+        base, _ = predict_crowns_on_image(image, out_dir, compare_to, threads, bands, postprocess, tta)
+        base_pred = list(base.geometry)
+        if result["headline"] == "box":
+            base_pred = [shapely_box(*g.bounds) for g in base_pred]
+        paired = paired_f1_difference(base_pred, head_pred, head_ref, block_m=block_m).to_dict()
+        result["paired"] = {"baseline_model": str(compare_to), **paired}
+        md.append(paired_markdown(result["paired"]))
     header = (
         f"# Crown evaluation\n\nImage `{Path(image).name}`, reference `{Path(truth).name}`, model "
-        f"`{plan.crown_model_path.name}` ({plan.crown_meta.model_version}) at {plan.gsd_m:g} m; "
+        f"`{Path(result['crown_model']).name}` ({result['crown_model_version']}) at {result['gsd_m']:g} m; "
         f"segmentation + extraction {seconds:.1f} s"
         f"{' (test-time augmentation: 4 views a tile)' if tta else ''}.\n\n"
     )
