@@ -239,9 +239,12 @@ def test_selection_applies_the_goal():
 
 def test_report_writes_markdown_and_png(tmp_path):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(_results()))
+    results = _results()
+    results["runs"]["l1@0.7"]["paired_vs_dense"] = {"delta_points": -5.0, "ci_points": [-9.25, -1.0]}
+    path.write_text(json.dumps(results))
     out = write_report(path, tmp_path)
     md = out["markdown"].read_text()
     assert "pfp@0.7" in md and "Shipped as `crowns.onnx`: `pfp@0.7`" in md and "| pfp | 0.7 | 0 |" in md
+    assert "| 0.795 | -0.5 |" in md and "| 0.750 | -5.0 [-9.2, -1.0] |" in md  # the interval when measured
     with Image.open(out["png"]) as im:
         assert im.size == (900, 600) and im.format == "PNG"

@@ -178,6 +178,31 @@ def evaluate_onnx(path: str | Path, cfg: StudyConfig, shift_images: dict[str, tu
     return evaluate_under_shifts(path, cfg.image, cfg.truth, shift_images, cfg.threads)
 
 
+def paired_vs_dense(path: str | Path, cfg: StudyConfig) -> dict:
+    """F1@0.4 of ``path`` minus the dense model's on the study image, with the paired block-bootstrap
+    interval (``forest-inventory evaluate --compare-to``'s code path)."""
+    import tempfile
+
+    from pipeline.evaluation.run import evaluate_crowns_on_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = evaluate_crowns_on_image(cfg.image, cfg.truth, tmp, crown_model=path, threads=cfg.threads,
+                                     compare_to=cfg.dense_onnx)
+    return r["paired"]
+
+
+def add_paired(cfg: StudyConfig, log=print) -> dict:
+    """Give every finished run without one its paired comparison with the dense model."""
+    results = load_results(cfg.results)
+    for key, r in results["runs"].items():
+        if "paired_vs_dense" not in r and Path(r["onnx"]).exists():
+            r["paired_vs_dense"] = paired_vs_dense(r["onnx"], cfg)
+            p = r["paired_vs_dense"]
+            log(f"{key}: {p['delta_points']:+.1f} F1 points, 90 % interval {p['ci_points']}")
+    save_results(cfg.results, results)
+    return results
+
+
 def prepare_shift_images(cfg: StudyConfig) -> dict[str, tuple[str, str]]:
     """Shifted copies of the evaluation image and their reference CSVs (written once)."""
     return shifted_copies(cfg.image, cfg.truth, cfg.shifts, Path(cfg.out_dir) / "shifts")
@@ -299,6 +324,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             )
             record = export_compressed(res, path, tile, metadata=meta)
             ev = evaluate_onnx(path, cfg, shift_images)
+            ev["paired_vs_dense"] = paired_vs_dense(path, cfg)
             ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
             # a plain state dict: loaded with weights_only=True and rebuilt by structured.rebuild_pruned
             torch.save(res.model.state_dict(), out_dir / f"{stem}.pt")
@@ -483,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--latency", action="store_true", help="only measure latency of finished, unmeasured runs"
     )
+    ap.add_argument("--paired", action="store_true",
+                    help="only add the paired F1 difference to the dense model (block bootstrap) to runs")
     ap.add_argument("--skip-latency-methods", default="sipp", help="methods not timed (sipp: dense shapes)")
     ap.add_argument("--quantize", default=None, help="only quantize this finished run key, e.g. pfp@0.7")
     ap.add_argument("--recalibrate", default=None,
@@ -513,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if a.reevaluate:
         reevaluate(cfg)
+    elif a.paired:
+        add_paired(cfg)
     elif a.latency:
         add_latency(cfg, runs=a.runs, skip_methods=tuple(m for m in a.skip_latency_methods.split(",") if m))
     elif a.quantize:
