@@ -155,3 +155,29 @@ def test_budget_met_with_widths_in_multiples_of_8(method, calib):
     widths = plan.full_keep
     assert all(w % 8 == 0 or w == full for w, full in zip(widths, ChannelPlan(tiny_unet(), SHAPE).full_keep,
                                                               strict=True))
+
+
+def test_iterative_prune_retrain_reaches_the_budget_in_cycles(calib):
+    """crown_study's iterative schedule: 2 cycles of PFP to 50 % of the MACs, each followed by its share of
+    the fine-tune steps, the network keeping its output."""
+    from models.compression.crown_study import StudyConfig, iterative_run
+    from models.train_crowns import TrainCrownsConfig
+
+    class Batches:
+        def batch(self, step):
+            g = torch.Generator().manual_seed(step)
+            return torch.randn(2, *SHAPE, generator=g), torch.randint(0, 3, (2, *SHAPE[1:]), generator=g)
+
+    net = tiny_unet()
+    cfg = StudyConfig(checkpoint="", dense_onnx="", finetune_steps=4, prune_steps=2, round_to=None)
+    train_cfg = TrainCrownsConfig(iterations=10)
+    res = iterative_run(net, "pfp", 0.5, SHAPE, calib, Batches(), train_cfg, cfg, total=10, log=None)
+    kept = res.after.macs / count_cost(net, SHAPE).macs
+    assert abs(kept - 0.5) <= 0.03 and res.achieved_ratio == pytest.approx(1 - kept)
+    cycles = res.details["finetune"]["cycles"]
+    assert [c["retrain"]["steps"] for c in cycles] == [2, 2] and res.details["finetune"]["steps"] == 4
+    assert cycles[0]["ratio"] == pytest.approx(1 - 0.5**0.5) and "epsilon" in cycles[0]
+    with torch.no_grad():
+        assert res.model.eval()(torch.randn(1, *SHAPE)).shape == (1, 3, *SHAPE[1:])
+    with pytest.raises(ValueError, match="structured"):
+        iterative_run(net, "alds", 0.5, SHAPE, calib, Batches(), train_cfg, cfg, total=10, log=None)

@@ -48,6 +48,7 @@ class StudyConfig:
     tag: str = ""  # suffix of the run keys/files, e.g. "-ft100" for a longer fine-tune of the same method
     distill: float = 0.0  # weight of distillation from the dense model in the fine-tune loss (0: none)
     distill_mixup: float = 0.0  # > 0: distil on mixup views with lam ~ Beta(a, a) (function matching)
+    prune_steps: int = 1  # > 1: iterative prune-retrain cycles (structured methods), fine-tune steps split
     threads: int = 2
     image: str = "sample_data/OSBS_029.tif"
     truth: str = "sample_data/OSBS_029.csv"
@@ -153,6 +154,42 @@ def run_finetune(
     )
     rec["lr_rewinding"] = f"LR schedule replayed from step {max(0, total - steps)} to {total}"
     return rec
+
+
+def iterative_run(dense_net: nn.Module, method: str, ratio: float, shape: tuple[int, int, int], calib,
+                  data: CrownData, train_cfg, cfg: StudyConfig, total: int, log=print):
+    """``cfg.prune_steps`` prune-retrain cycles reaching ``ratio`` of the dense MACs (each cycle removes the
+    same share of what is left, sensitivities recomputed on the current network); each retrain replays the
+    last ``finetune_steps / prune_steps`` steps of the schedule (LR rewinding per cycle)."""
+    from models.compression.compress import STRUCTURED, CompressionResult
+    from models.compression.cost import count_cost
+    from models.compression.finetune import iterative_prune
+
+    if method not in STRUCTURED:
+        raise ValueError(f"--prune-steps needs a structured method {STRUCTURED}, got {method}")
+    cycles: list[dict] = []
+
+    def compress_step(net: nn.Module, q: float) -> nn.Module:
+        r = compress(net, method, q, shape, calibration=calib, budget=cfg.budget, round_to=cfg.round_to)
+        cycles.append({k: r.details[k] for k in ("epsilon", "max_relative_error") if k in r.details})
+        return r.model
+
+    def retrain(net: nn.Module) -> dict:
+        return run_finetune(net, data, train_cfg, cfg.finetune_steps // cfg.prune_steps,
+                            cfg.finetune_seconds / cfg.prune_steps, log=log, total_steps=total,
+                            teacher=dense_net if cfg.distill > 0 else None, distill_weight=cfg.distill,
+                            distill_mixup=cfg.distill_mixup)
+
+    model, history = iterative_prune(dense_net, compress_step, retrain, ratio, cfg.prune_steps)
+    for h, c in zip(history, cycles, strict=True):
+        h.update(c)
+    ft = {
+        "steps": sum(h["retrain"]["steps"] for h in history),
+        "seconds": round(sum(h["retrain"]["seconds"] for h in history), 1),
+        "cycles": history,
+    }
+    return CompressionResult(model, method, ratio, cfg.budget, shape, count_cost(dense_net, shape),
+                             count_cost(model, shape), details={"finetune": ft})
 
 
 def validation_score(net: nn.Module, data: CrownData, train_cfg, postprocess: dict) -> float:
@@ -285,6 +322,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                         best = (score, r)
                 res = best[1]
                 res.details["candidates"] = cands
+            elif cfg.prune_steps > 1:
+                res = iterative_run(dense_net, method, ratio, shape, calib, data, train_cfg, cfg, total, log)
             else:
                 res = compress(
                     dense_net,
@@ -296,20 +335,22 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                     round_to=cfg.round_to,
                     alds_k_max=cfg.alds_k_max,
                 )
-            masks = res.details.get("masks") if method == "sipp" else None
-            ft = run_finetune(
-                res.model,
-                data,
-                train_cfg,
-                cfg.finetune_steps,
-                cfg.finetune_seconds,
-                masks=masks,
-                log=log,
-                total_steps=total,
-                teacher=dense_net if cfg.distill > 0 else None,
-                distill_weight=cfg.distill,
-                distill_mixup=cfg.distill_mixup,
-            )
+            if "finetune" in res.details:  # the iterative schedule fine-tuned after every cycle
+                ft = res.details["finetune"]
+            else:
+                ft = run_finetune(
+                    res.model,
+                    data,
+                    train_cfg,
+                    cfg.finetune_steps,
+                    cfg.finetune_seconds,
+                    masks=res.details.get("masks") if method == "sipp" else None,
+                    log=log,
+                    total_steps=total,
+                    teacher=dense_net if cfg.distill > 0 else None,
+                    distill_weight=cfg.distill,
+                    distill_mixup=cfg.distill_mixup,
+                )
             res.details["finetune"] = ft
             from models.compression.cost import count_cost
 
@@ -521,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shifts", default=",".join(SHIFTS), help="comma-separated shift names")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of distillation from the dense model in the fine-tune loss (0: none)")
+    ap.add_argument("--prune-steps", type=int, default=1,
+                    help="> 1: iterative prune-retrain cycles; the fine-tune steps are split across them")
     ap.add_argument("--distill-mixup", type=float, default=0.0,
                     help="> 0: distil on mixup views of each batch, lam ~ Beta(A, A) (function matching)")
     a = ap.parse_args(argv)
@@ -538,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         tag=a.tag,
         distill=a.distill,
         distill_mixup=a.distill_mixup,
+        prune_steps=a.prune_steps,
     )
     if a.reevaluate:
         reevaluate(cfg)
