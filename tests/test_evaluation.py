@@ -104,16 +104,9 @@ def test_evaluate_runs_the_engine_on_a_disc_scene(tmp_path, write_geotiff, disc_
     assert res2["scores"]["polygon"]["thresholds"]["0.4"] == res["scores"]["ellipse"]["thresholds"]["0.4"]
 
 
-def test_evaluate_cli_with_tta(tmp_path, write_geotiff, disc_scene):
-    """`forest-inventory evaluate --tta`: the tiny model is per-pixel, so the four views give the same
-    crowns; the metrics record that TTA was on."""
-    import json
-
+def _four_discs_with_boxes(tmp_path, write_geotiff, disc_scene) -> None:
+    """o.tif: four crown discs (radius 1.0-1.4 m at 0.1 m, EPSG:32617) and truth.csv: their boxes."""
     from affine import Affine
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-    from tests.tiny_models import write_crown_model
 
     discs = [(30, 30, 12), (30, 90, 10), (90, 40, 14), (95, 100, 11)]
     write_geotiff(tmp_path / "o.tif", disc_scene(128, discs), Affine(0.1, 0, 400000, 0, -0.1, 3000000),
@@ -121,6 +114,19 @@ def test_evaluate_cli_with_tta(tmp_path, write_geotiff, disc_scene):
     rows = ["image_path,xmin,ymin,xmax,ymax,label"] + [
         f"o.tif,{c - r},{rr - r},{c + r},{rr + r},Tree" for rr, c, r in discs]
     (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_evaluate_cli_with_tta(tmp_path, write_geotiff, disc_scene):
+    """`forest-inventory evaluate --tta`: the tiny model is per-pixel, so the four views give the same
+    crowns; the metrics record that TTA was on."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.tiny_models import write_crown_model
+
+    _four_discs_with_boxes(tmp_path, write_geotiff, disc_scene)
     model = write_crown_model(tmp_path / "m.onnx", tile_size=128, overlap_px=48,
                               postprocess={"min_area_m2": 0.5, "seed_min_distance_m": 1.5})
     args = ["evaluate", str(tmp_path / "o.tif"), "--truth", str(tmp_path / "truth.csv"), "--crown-model",
@@ -137,18 +143,12 @@ def test_evaluate_cli_compare_to_a_baseline_model(tmp_path, write_geotiff, disc_
     bootstrap interval; a missing baseline is a one-line error (exit 2)."""
     import json
 
-    from affine import Affine
     from typer.testing import CliRunner
 
     from pipeline.cli import app
     from tests.tiny_models import write_crown_model
 
-    discs = [(30, 30, 12), (30, 90, 10), (90, 40, 14), (95, 100, 11)]
-    write_geotiff(tmp_path / "o.tif", disc_scene(128, discs), Affine(0.1, 0, 400000, 0, -0.1, 3000000),
-                  "EPSG:32617")
-    rows = ["image_path,xmin,ymin,xmax,ymax,label"] + [
-        f"o.tif,{c - r},{rr - r},{c + r},{rr + r},Tree" for rr, c, r in discs]
-    (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
+    _four_discs_with_boxes(tmp_path, write_geotiff, disc_scene)
     base = write_crown_model(tmp_path / "base.onnx", tile_size=128, overlap_px=48,
                              postprocess={"min_area_m2": 0.5, "seed_min_distance_m": 1.5})
     # the same network with a minimum crown area above the smallest disc's (pi * 1 m^2): 3 of 4 crowns
