@@ -445,6 +445,7 @@ def recalibrate_run(cfg: StudyConfig, key: str, log=print) -> dict:
                validation=metrics, **ev)
     new.pop("latency", None)
     new.pop("latency_session", None)
+    new["paired_vs_dense"] = paired_vs_dense(dst, cfg)
     results["runs"][key + "-cal"] = new
     save_results(cfg.results, results)
     log(f"{key}-cal: postprocess {post}: F1 {ev['f1']:.3f}")

@@ -339,19 +339,23 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png",
                 else ""
             ),
             "",
-            "| method | nominal | " + " | ".join(shifts) + " |",
-            "|---" * (len(shifts) + 2) + "|",
+            "One row per recipe (method + tag: the runs fine-tuned alike), over the ratios it was run at.",
+            "",
+            "| method, recipe | ratios | nominal | " + " | ".join(shifts) + " |",
+            "|---" * (len(shifts) + 3) + "|",
         ]
         dense_all = {"nominal": dense["f1"], **dense["f1_shift"]}
-        for method in sorted({r["method"] for r in runs.values() if not r.get("quantized")}):
+        recipes = sorted({(r["method"], r.get("tag") or "") for r in runs.values() if not r.get("quantized")})
+        for method, tag in recipes:
             by_ratio = {
                 r["ratio"]: {"nominal": r["f1"], **r["f1_shift"]}
                 for r in runs.values()
-                if r["method"] == method and not r.get("quantized") and not r.get("tag")
+                if r["method"] == method and not r.get("quantized") and (r.get("tag") or "") == tag
             }
             pp = prune_potential(by_ratio, dense_all)
             lines.append(
-                f"| {method} | {pp['nominal']:g} | " + " | ".join(f"{pp[s]:g}" for s in shifts) + " |"
+                f"| {method}{' ' + tag if tag else ''} | {', '.join(f'{x:g}' for x in sorted(by_ratio))} | "
+                f"{pp['nominal']:g} | " + " | ".join(f"{pp[s]:g}" for s in shifts) + " |"
             )
     lines += [
         "",
