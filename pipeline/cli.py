@@ -316,6 +316,8 @@ def compress_cmd(
     method: str = typer.Option(..., "--method", help="pfp | sipp | alds | l1 | uniform | random"),
     target: float = typer.Option(..., "--target", help="Fraction removed, e.g. 0.7 (SiPP: params)."),
     finetune: int = typer.Option(0, "--finetune", help="Fine-tune steps with LR rewinding (0 = none)."),
+    distill: float = typer.Option(0.0, "--distill", help="Weight of distillation from the dense model in "
+                                  "the fine-tune loss, 0-1 (0 = labels only)."),
     quantize: bool = typer.Option(False, "--quantize", help="Also write a static int8 QDQ copy."),
     out: str = typer.Option(None, "--out", help="Output ONNX (default: out/compress/crowns-M-PCT.onnx)."),
     budget: str = typer.Option("macs", "--budget", help="What --target counts: macs or params."),
@@ -331,7 +333,7 @@ def compress_cmd(
 
     result = compress_crown_checkpoint(model, method, target, out=out, finetune_steps=finetune,
                                        quantize=quantize, reference_onnx=reference_onnx, budget=budget,
-                                       threads=threads, log=typer.echo)
+                                       threads=threads, log=typer.echo, distill=distill)
     rec = result["record"]
     typer.echo(f"{rec['method']}: params {rec['params_before']:,} -> {rec['params_after']:,} "
                f"(nonzero {rec['nonzero_params_after']:,}), "

@@ -86,3 +86,16 @@ def test_compress_command_rejects_bad_input(crown_checkpoint, args, needle):
     ck, ref = crown_checkpoint
     res = CliRunner().invoke(app, ["compress", "--model", str(ck), "--reference-onnx", str(ref), *args])
     assert res.exit_code == 2 and needle in res.output
+
+
+def test_compress_command_fine_tunes_with_distillation_from_the_dense_model(crown_checkpoint, tmp_path):
+    ck, ref = crown_checkpoint
+    out = tmp_path / "kd.onnx"
+    args = ["compress", "--model", str(ck), "--method", "l1", "--target", "0.5", "--reference-onnx", str(ref),
+            "--out", str(out), "--finetune", "2", "--distill", "0.5", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    ft = json.loads(read_metadata(out)["compression"])["finetune"]
+    assert ft["steps"] == 2 and ft["distillation"] == {"weight": 0.5, "temperature": 2.0}
+    bad = CliRunner().invoke(app, args[:-4] + ["--distill", "1.5"])
+    assert bad.exit_code == 2 and "--distill 1.5 must be a loss weight" in bad.output

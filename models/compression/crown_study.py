@@ -614,12 +614,14 @@ def compress_crown_checkpoint(
     budget: str = "macs",
     threads: int = 2,
     log=print,
+    distill: float = 0.0,
 ) -> dict:
     """Compress a crown-model checkpoint and export it for the engine (the ``compress`` command).
 
     Metadata (postprocess, GSD, tile size, ...) is copied from ``reference_onnx`` (default: the dense
     zoo model) and a ``compression`` record is added. ``finetune_steps`` > 0 fine-tunes with LR rewinding
-    on the crown training data; ``quantize`` also writes a static int8 QDQ copy (``*.int8.onnx``).
+    on the crown training data, with ``distill`` > 0 the weight of distillation from the dense network in
+    that loss; ``quantize`` also writes a static int8 QDQ copy (``*.int8.onnx``).
     """
     from models.compression.compress import METHODS
     from models.export import read_metadata
@@ -630,6 +632,8 @@ def compress_crown_checkpoint(
         raise InputError(f"--method {method!r} is unknown: use one of {', '.join(METHODS)}")
     if not 0.0 < target_ratio < 1.0:
         raise InputError(f"--target {target_ratio} must be the fraction removed, between 0 and 1 (e.g. 0.7)")
+    if not 0.0 <= distill <= 1.0:
+        raise InputError(f"--distill {distill} must be a loss weight between 0 and 1 (e.g. 0.5)")
     torch.set_num_threads(max(1, threads))
     net, train_cfg = load_crown_net(checkpoint)
     zoo = Path(__file__).resolve().parents[1] / "zoo"
@@ -663,6 +667,8 @@ def compress_crown_checkpoint(
             masks=masks,
             log=log,
             total_steps=trained_steps(checkpoint),
+            teacher=net if distill > 0 else None,  # compress() pruned a copy: net is still dense
+            distill_weight=distill,
         )
     from models.compression.cost import count_cost
 
