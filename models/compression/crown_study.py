@@ -49,6 +49,7 @@ class StudyConfig:
     distill: float = 0.0  # weight of distillation from the dense model in the fine-tune loss (0: none)
     distill_mixup: float = 0.0  # > 0: distil on mixup views with lam ~ Beta(a, a) (function matching)
     prune_steps: int = 1  # > 1: iterative prune-retrain cycles (structured methods), fine-tune steps split
+    finetune_seed: int = 0  # which stream of training batches the fine-tune draws (a repeat of a recipe)
     threads: int = 2
     image: str = "sample_data/OSBS_029.tif"
     truth: str = "sample_data/OSBS_029.csv"
@@ -156,6 +157,12 @@ def run_finetune(
     return rec
 
 
+def finetune_offset(cfg: StudyConfig) -> int:
+    """First training-batch index of a study fine-tune: seed 0 is the original stream, each further seed a
+    disjoint one (batches are a pure function of their index)."""
+    return 5_000_000 + 1_000_000 * cfg.finetune_seed
+
+
 def iterative_run(dense_net: nn.Module, method: str, ratio: float, shape: tuple[int, int, int], calib,
                   data: CrownData, train_cfg, cfg: StudyConfig, total: int, log=print):
     """``cfg.prune_steps`` prune-retrain cycles reaching ``ratio`` of the dense MACs (each cycle removes the
@@ -178,7 +185,8 @@ def iterative_run(dense_net: nn.Module, method: str, ratio: float, shape: tuple[
         return run_finetune(net, data, train_cfg, cfg.finetune_steps // cfg.prune_steps,
                             cfg.finetune_seconds / cfg.prune_steps, log=log, total_steps=total,
                             teacher=dense_net if cfg.distill > 0 else None, distill_weight=cfg.distill,
-                            distill_mixup=cfg.distill_mixup)
+                            distill_mixup=cfg.distill_mixup,
+                            step_offset=finetune_offset(cfg))
 
     model, history = iterative_prune(dense_net, compress_step, retrain, ratio, cfg.prune_steps)
     for h, c in zip(history, cycles, strict=True):
@@ -350,6 +358,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                     teacher=dense_net if cfg.distill > 0 else None,
                     distill_weight=cfg.distill,
                     distill_mixup=cfg.distill_mixup,
+                    step_offset=finetune_offset(cfg),
                 )
             res.details["finetune"] = ft
             from models.compression.cost import count_cost
@@ -565,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of distillation from the dense model in the fine-tune loss (0: none)")
     ap.add_argument("--prune-steps", type=int, default=1,
                     help="> 1: iterative prune-retrain cycles; the fine-tune steps are split across them")
+    ap.add_argument("--finetune-seed", type=int, default=0,
+                    help="training-batch stream of the fine-tune (repeat a recipe with another seed)")
     ap.add_argument("--distill-mixup", type=float, default=0.0,
                     help="> 0: distil on mixup views of each batch, lam ~ Beta(A, A) (function matching)")
     a = ap.parse_args(argv)
@@ -583,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         distill=a.distill,
         distill_mixup=a.distill_mixup,
         prune_steps=a.prune_steps,
+        finetune_seed=a.finetune_seed,
     )
     if a.reevaluate:
         reevaluate(cfg)
