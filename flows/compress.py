@@ -68,12 +68,14 @@ def train_task(train_config: dict[str, Any], onnx_path: str, model_version: str)
 
 @task(name="compress", **_OPTIONS)
 def compress_task(checkpoint: str, method: str, ratio: float, out_path: str, reference_onnx: str,
-                  finetune_steps: int, quantize: bool, threads: int) -> dict[str, Any]:
-    """Compress one (method, ratio), fine-tune with LR rewinding, export for the engine."""
+                  finetune_steps: int, quantize: bool, threads: int, distill: float = 0.0) -> dict[str, Any]:
+    """Compress one (method, ratio), fine-tune with LR rewinding (``distill``: weight of distillation from
+    the dense model), export for the engine."""
     from models.compression.crown_study import compress_crown_checkpoint
 
     res = compress_crown_checkpoint(checkpoint, method, ratio, out=out_path, finetune_steps=finetune_steps,
-                                    quantize=quantize, reference_onnx=reference_onnx, threads=threads)
+                                    quantize=quantize, reference_onnx=reference_onnx, threads=threads,
+                                    distill=distill)
     return {"method": method, "ratio": ratio, **res}
 
 
@@ -124,13 +126,14 @@ def compress_flow(out: str = "out/compress", checkpoint: str | None = None,
                   methods: list[str] | None = None, ratios: list[float] | None = None,
                   finetune_steps: int = 60, quantize: bool = False,
                   image: str = "sample_data/OSBS_029.tif", truth_csv: str = "sample_data/OSBS_029.csv",
-                  shifts: list[str] | None = None, threads: int = 2) -> dict[str, Any]:
+                  shifts: list[str] | None = None, threads: int = 2, distill: float = 0.0) -> dict[str, Any]:
     """Train (unless ``checkpoint``), compress every method x ratio, evaluate, report into ``out``.
 
     Defaults: methods ``pfp, alds, l1``, ratios ``0.7, 0.8`` (fraction of MACs removed).
 
     One worker: each step already uses ``threads`` torch/ORT threads. ``shifts``: drone shifts of
-    ``models.compression.robustness.SHIFTS`` to evaluate (default: all). Returns the report paths.
+    ``models.compression.robustness.SHIFTS`` to evaluate (default: all). ``distill``: weight of
+    distillation from the dense model in the fine-tune loss (0-1). Returns the report paths.
     """
     from models.compression.robustness import SHIFTS
 
@@ -157,12 +160,13 @@ def compress_flow(out: str = "out/compress", checkpoint: str | None = None,
     run_futures = compress.map(
         unmapped(checkpoint), [m for m, _ in pairs], [r for _, r in pairs],
         [str(out_dir / f"crowns-{m}-{int(round(r * 100))}.onnx") for m, r in pairs],
-        unmapped(reference_onnx), unmapped(finetune_steps), unmapped(quantize), unmapped(threads))
+        unmapped(reference_onnx), unmapped(finetune_steps), unmapped(quantize), unmapped(threads),
+        unmapped(distill))
     runs = [f.result() for f in run_futures]
     for i, (run, (m, r)) in enumerate(zip(runs, pairs, strict=True)):  # cached, but its file was deleted
         if not Path(run["onnx"]).is_file():
             runs[i] = compress.with_options(refresh_cache=True)(checkpoint, m, r, run["onnx"], reference_onnx,
-                                                                finetune_steps, quantize, threads)
+                                                                finetune_steps, quantize, threads, distill)
 
     shifted = shift_images_task.with_options(**storage)(image, truth_csv, shift_names,
                                                         str(out_dir / "shifts"))

@@ -29,7 +29,7 @@ def test_compress_flow_builds_evaluates_reports_and_caches(prefect_api, tmp_path
 
     torch.set_num_threads(2)
     kwargs = dict(out=str(tmp_path / "compress"), train_config=TOY_TRAINING, methods=["l1", "uniform"],
-                  ratios=[0.5], finetune_steps=1, shifts=["brightness"], threads=2,
+                  ratios=[0.5], finetune_steps=1, shifts=["brightness"], threads=2, distill=0.5,
                   image=str(REPO / "sample_data" / "OSBS_029.tif"),
                   truth_csv=str(REPO / "sample_data" / "OSBS_029.csv"))
     state = compress_flow(**kwargs, return_state=True)
@@ -42,6 +42,7 @@ def test_compress_flow_builds_evaluates_reports_and_caches(prefect_api, tmp_path
         assert run["params"] < results["dense"]["params"]
         model = OnnxModel(run["onnx"])  # loadable by the engine, metadata contract intact
         assert model.meta.compression["method"] == run["method"]
+        assert model.meta.compression["finetune"]["distillation"]["weight"] == 0.5
     assert (tmp_path / "compress" / "COMPRESSION.md").is_file()
     assert paths["markdown"].endswith("COMPRESSION.md")
 
