@@ -157,10 +157,16 @@ def run_finetune(
     return rec
 
 
-def finetune_offset(cfg: StudyConfig) -> int:
-    """First training-batch index of a study fine-tune: seed 0 is the original stream, each further seed a
-    disjoint one (batches are a pure function of their index)."""
-    return 5_000_000 + 1_000_000 * cfg.finetune_seed
+def study_finetune(net: nn.Module, dense_net: nn.Module, data: CrownData, train_cfg, cfg: StudyConfig,
+                   total: int, steps: int, seconds: float, masks=None, log=print) -> dict:
+    """``run_finetune`` with the study's recipe: distillation from ``dense_net`` (``cfg.distill``, on mixup
+    views with ``cfg.distill_mixup``) and the batch stream of ``cfg.finetune_seed`` (seed 0: the original
+    stream from index 5,000,000; each further seed a disjoint one, batches being a pure function of their
+    index)."""
+    return run_finetune(net, data, train_cfg, steps, seconds, masks=masks, log=log, total_steps=total,
+                        teacher=dense_net if cfg.distill > 0 else None, distill_weight=cfg.distill,
+                        distill_mixup=cfg.distill_mixup,
+                        step_offset=5_000_000 + 1_000_000 * cfg.finetune_seed)
 
 
 def iterative_run(dense_net: nn.Module, method: str, ratio: float, shape: tuple[int, int, int], calib,
@@ -182,11 +188,9 @@ def iterative_run(dense_net: nn.Module, method: str, ratio: float, shape: tuple[
         return r.model
 
     def retrain(net: nn.Module) -> dict:
-        return run_finetune(net, data, train_cfg, cfg.finetune_steps // cfg.prune_steps,
-                            cfg.finetune_seconds / cfg.prune_steps, log=log, total_steps=total,
-                            teacher=dense_net if cfg.distill > 0 else None, distill_weight=cfg.distill,
-                            distill_mixup=cfg.distill_mixup,
-                            step_offset=finetune_offset(cfg))
+        return study_finetune(net, dense_net, data, train_cfg, cfg, total,
+                              cfg.finetune_steps // cfg.prune_steps, cfg.finetune_seconds / cfg.prune_steps,
+                              log=log)
 
     model, history = iterative_prune(dense_net, compress_step, retrain, ratio, cfg.prune_steps)
     for h, c in zip(history, cycles, strict=True):
@@ -218,22 +222,16 @@ def heldout_validation(net: nn.Module, data: CrownData, train_cfg, postprocess: 
     return {k: round(float(v), 4) for k, v in score_cases(cases, postprocess, train_cfg.gsd_m).items()}
 
 
-def evaluate_onnx(path: str | Path, cfg: StudyConfig, shift_images: dict[str, tuple[str, str]]) -> dict:
-    """Nominal and per-shift F1@0.4 on the study image through ``forest-inventory evaluate``'s code path."""
-    return evaluate_under_shifts(path, cfg.image, cfg.truth, shift_images, cfg.threads)
-
-
-def paired_vs_dense(path: str | Path, cfg: StudyConfig) -> dict:
-    """F1@0.4 of ``path`` minus the dense model's on the study image, with the paired block-bootstrap
-    interval (``forest-inventory evaluate --compare-to``'s code path)."""
-    import tempfile
-
-    from pipeline.evaluation.run import evaluate_crowns_on_image
-
-    with tempfile.TemporaryDirectory() as tmp:
-        r = evaluate_crowns_on_image(cfg.image, cfg.truth, tmp, crown_model=path, threads=cfg.threads,
-                                     compare_to=cfg.dense_onnx)
-    return r["paired"]
+def evaluate_onnx(path: str | Path, cfg: StudyConfig, shift_images: dict[str, tuple[str, str]],
+                  against_dense: bool = False) -> dict:
+    """Nominal and per-shift F1@0.4 on the study image through ``forest-inventory evaluate``'s code path;
+    ``against_dense`` adds ``paired_vs_dense`` from the same nominal prediction (``evaluate --compare-to``:
+    the difference to the dense model with its paired block-bootstrap interval)."""
+    ev = evaluate_under_shifts(path, cfg.image, cfg.truth, shift_images, cfg.threads,
+                               compare_to=cfg.dense_onnx if against_dense else None)
+    if against_dense:
+        ev["paired_vs_dense"] = ev.pop("paired")
+    return ev
 
 
 def add_paired(cfg: StudyConfig, log=print) -> dict:
@@ -241,7 +239,8 @@ def add_paired(cfg: StudyConfig, log=print) -> dict:
     results = load_results(cfg.results)
     for key, r in results["runs"].items():
         if "paired_vs_dense" not in r and Path(r["onnx"]).exists():
-            r["paired_vs_dense"] = paired_vs_dense(r["onnx"], cfg)
+            r["paired_vs_dense"] = evaluate_f1(r["onnx"], cfg.image, cfg.truth, cfg.threads,
+                                               compare_to=cfg.dense_onnx)["paired"]
             p = r["paired_vs_dense"]
             log(f"{key}: {p['delta_points']:+.1f} F1 points, 90 % interval {p['ci_points']}")
     save_results(cfg.results, results)
@@ -346,20 +345,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             if "finetune" in res.details:  # the iterative schedule fine-tuned after every cycle
                 ft = res.details["finetune"]
             else:
-                ft = run_finetune(
-                    res.model,
-                    data,
-                    train_cfg,
-                    cfg.finetune_steps,
-                    cfg.finetune_seconds,
-                    masks=res.details.get("masks") if method == "sipp" else None,
-                    log=log,
-                    total_steps=total,
-                    teacher=dense_net if cfg.distill > 0 else None,
-                    distill_weight=cfg.distill,
-                    distill_mixup=cfg.distill_mixup,
-                    step_offset=finetune_offset(cfg),
-                )
+                masks = res.details.get("masks") if method == "sipp" else None
+                ft = study_finetune(res.model, dense_net, data, train_cfg, cfg, total, cfg.finetune_steps,
+                                    cfg.finetune_seconds, masks, log=log)
             res.details["finetune"] = ft
             from models.compression.cost import count_cost
 
@@ -373,8 +361,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
                 f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
             )
             record = export_compressed(res, path, tile, metadata=meta)
-            ev = evaluate_onnx(path, cfg, shift_images)
-            ev["paired_vs_dense"] = paired_vs_dense(path, cfg)
+            ev = evaluate_onnx(path, cfg, shift_images, against_dense=True)
             ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
             # a plain state dict: loaded with weights_only=True and rebuilt by structured.rebuild_pruned
             torch.save(res.model.state_dict(), out_dir / f"{stem}.pt")
@@ -448,13 +435,12 @@ def recalibrate_run(cfg: StudyConfig, key: str, log=print) -> dict:
     net = rebuild_pruned(dense, torch.load(src.with_suffix(".pt"), weights_only=True))
     post, metrics = calibrate_on_validation(net, load_scenes(train_cfg), train_cfg, log=log)
     dst = copy_with_metadata(src, src.with_name(src.stem + "-cal.onnx"), {"postprocess": post})
-    ev = evaluate_onnx(dst, cfg, prepare_shift_images(cfg))
+    ev = evaluate_onnx(dst, cfg, prepare_shift_images(cfg), against_dense=True)
     new = dict(run, onnx=str(dst), tag=run.get("tag", "") + "-cal", postprocess=post,
                postprocess_source="own held-out validation (models.train_crowns.calibrate_postprocess)",
                validation=metrics, **ev)
     new.pop("latency", None)
     new.pop("latency_session", None)
-    new["paired_vs_dense"] = paired_vs_dense(dst, cfg)
     results["runs"][key + "-cal"] = new
     save_results(cfg.results, results)
     log(f"{key}-cal: postprocess {post}: F1 {ev['f1']:.3f}")

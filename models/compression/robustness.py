@@ -175,18 +175,23 @@ def shifted_copies(image: str | os.PathLike, truth_csv: str | os.PathLike, shift
 
 
 def evaluate_f1(onnx_path: str | os.PathLike, image: str | os.PathLike, truth_csv: str | os.PathLike,
-                threads: int = 2) -> dict:
+                threads: int = 2, compare_to: str | os.PathLike | None = None) -> dict:
     """F1/precision/recall at IoU 0.4 exactly as ``forest-inventory evaluate`` computes them (the engine's
-    stages, predicted crown envelopes vs reference boxes, Hungarian matching)."""
+    stages, predicted crown envelopes vs reference boxes, Hungarian matching); with ``compare_to`` also
+    ``paired``, the difference to that baseline model (``evaluate --compare-to``)."""
     import tempfile
 
     from pipeline.evaluation.run import evaluate_crowns_on_image
 
     with tempfile.TemporaryDirectory() as tmp:
-        r = evaluate_crowns_on_image(image, truth_csv, tmp, crown_model=onnx_path, threads=threads)
+        r = evaluate_crowns_on_image(image, truth_csv, tmp, crown_model=onnx_path, threads=threads,
+                                     compare_to=compare_to)
     m = r["scores"][r["headline"]]
     t = m["thresholds"]["0.4"]
-    return {"f1": t["f1"], "precision": t["precision"], "recall": t["recall"], "n_pred": m["n_pred"]}
+    out = {"f1": t["f1"], "precision": t["precision"], "recall": t["recall"], "n_pred": m["n_pred"]}
+    if compare_to is not None:
+        out["paired"] = r["paired"]
+    return out
 
 
 EVALUATOR = "pipeline.evaluation.run.evaluate_crowns_on_image (forest-inventory evaluate, box)"
@@ -194,9 +199,10 @@ EVALUATOR = "pipeline.evaluation.run.evaluate_crowns_on_image (forest-inventory 
 
 def evaluate_under_shifts(onnx_path: str | os.PathLike, image: str | os.PathLike,
                           truth_csv: str | os.PathLike, shifted: Mapping[str, tuple[str, str]],
-                          threads: int = 2) -> dict:
-    """Nominal F1 (with precision, recall, n_pred) and ``f1_shift`` per shifted copy."""
-    nominal = evaluate_f1(onnx_path, image, truth_csv, threads)
+                          threads: int = 2, compare_to: str | os.PathLike | None = None) -> dict:
+    """Nominal F1 (with precision, recall, n_pred, and ``paired`` against ``compare_to`` when given) and
+    ``f1_shift`` per shifted copy."""
+    nominal = evaluate_f1(onnx_path, image, truth_csv, threads, compare_to)
     f1_shift = {s: evaluate_f1(onnx_path, img, csv, threads)["f1"] for s, (img, csv) in shifted.items()}
     return {**nominal, "f1_shift": f1_shift, "evaluator": EVALUATOR}
 
