@@ -62,3 +62,40 @@ def write_geotiff():
 @pytest.fixture
 def disc_scene():
     return _disc_scene
+
+
+@pytest.fixture()
+def crown_checkpoint(tmp_path):
+    """A small untrained crown checkpoint (resnet18 depth 3, 64 px tiles) and its dense engine ONNX export:
+    ``(checkpoint_path, onnx_path)``. Needs the ``train`` extra (torch, smp, onnx)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("segmentation_models_pytorch")
+    from dataclasses import asdict
+
+    from models.checkpoint import save_checkpoint
+    from models.export import export_onnx
+    from models.nets import SegNetConfig, build_crown_net
+    from models.train_crowns import TrainCrownsConfig
+
+    torch.manual_seed(0)
+    net_cfg = SegNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
+    cfg = TrainCrownsConfig(net=net_cfg.to_dict(), tile_size=64, iterations=10)
+    net = build_crown_net(net_cfg)
+    ck = save_checkpoint(
+        tmp_path / "last.pt",
+        {"kind": "crowns", "config": asdict(cfg), "net": net_cfg.to_dict(), "model": net.state_dict(),
+         "step": 10},
+    )
+    meta = {
+        "task": "crown_segmentation",
+        "class_names": ["background", "crown", "boundary"],
+        "gsd_m": 0.1,
+        "tile_size": 64,
+        "overlap_px": 16,
+        "bands": ["red", "green", "blue"],
+        "model_version": "tiny",
+        "postprocess": {},
+    }
+    ref = export_onnx(net, tmp_path / "dense.onnx", (3, 64, 64), meta)
+    return ck, ref

@@ -1,7 +1,6 @@
 """`forest-inventory compress` on a small crown checkpoint: budget met, record in the ONNX metadata."""
 
 import json
-from dataclasses import asdict
 
 import pytest
 
@@ -11,41 +10,8 @@ pytest.importorskip("segmentation_models_pytorch")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from models.checkpoint import save_checkpoint  # noqa: E402
-from models.export import export_onnx, read_metadata  # noqa: E402
-from models.nets import SegNetConfig, build_crown_net  # noqa: E402
-from models.train_crowns import TrainCrownsConfig  # noqa: E402
+from models.export import read_metadata  # noqa: E402
 from pipeline.cli import app  # noqa: E402
-
-
-@pytest.fixture()
-def crown_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    net_cfg = SegNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
-    cfg = TrainCrownsConfig(net=net_cfg.to_dict(), tile_size=64, iterations=10)
-    net = build_crown_net(net_cfg)
-    ck = save_checkpoint(
-        tmp_path / "last.pt",
-        {
-            "kind": "crowns",
-            "config": asdict(cfg),
-            "net": net_cfg.to_dict(),
-            "model": net.state_dict(),
-            "step": 10,
-        },
-    )
-    meta = {
-        "task": "crown_segmentation",
-        "class_names": ["background", "crown", "boundary"],
-        "gsd_m": 0.1,
-        "tile_size": 64,
-        "overlap_px": 16,
-        "bands": ["red", "green", "blue"],
-        "model_version": "tiny",
-        "postprocess": {},
-    }
-    ref = export_onnx(net, tmp_path / "dense.onnx", (3, 64, 64), meta)
-    return ck, ref
 
 
 def test_compress_command_writes_a_smaller_model_with_a_record(crown_checkpoint, tmp_path):

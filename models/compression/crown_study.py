@@ -252,6 +252,24 @@ def prepare_shift_images(cfg: StudyConfig) -> dict[str, tuple[str, str]]:
     return shifted_copies(cfg.image, cfg.truth, cfg.shifts, Path(cfg.out_dir) / "shifts")
 
 
+def run_entry(res, cfg: StudyConfig, path: Path, record: dict, ev: dict, seconds: float, **extra) -> dict:
+    """The results-JSON entry of one finished run: its recipe, sizes, ONNX file and evaluation ``ev``."""
+    return {
+        "method": res.method,
+        "ratio": res.target_ratio,
+        "tag": cfg.tag,
+        "onnx": str(path),
+        "record": record,
+        **extra,
+        "params": res.after.params,
+        "nonzero_params": res.after.nonzero_params,
+        "macs": res.after.macs,
+        "size_mb": path.stat().st_size / 1e6,
+        "seconds": round(seconds, 1),
+        **ev,
+    }
+
+
 def run_study(cfg: StudyConfig, log=print) -> dict:
     from models.export import read_metadata
     from models.train_crowns import load_crown_net
@@ -365,19 +383,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
             # a plain state dict: loaded with weights_only=True and rebuilt by structured.rebuild_pruned
             torch.save(res.model.state_dict(), out_dir / f"{stem}.pt")
-            results["runs"][key] = {
-                "method": method,
-                "ratio": ratio,
-                "tag": cfg.tag,
-                "onnx": str(path),
-                "record": record,
-                "params": res.after.params,
-                "nonzero_params": res.after.nonzero_params,
-                "macs": res.after.macs,
-                "size_mb": path.stat().st_size / 1e6,
-                "seconds": round(time.time() - t0, 1),
-                **ev,
-            }
+            results["runs"][key] = run_entry(res, cfg, path, record, ev, time.time() - t0)
             save_results(cfg.results, results)
             log(
                 f"{key}: F1 {ev['f1']:.3f} params {res.after.params / 1e6:.2f}M "
@@ -445,6 +451,64 @@ def recalibrate_run(cfg: StudyConfig, key: str, log=print) -> dict:
     save_results(cfg.results, results)
     log(f"{key}-cal: postprocess {post}: F1 {ev['f1']:.3f}")
     return new
+
+
+SOUP_BN_OFFSET = 40_000_000  # training-batch stream of the soup's batch-norm re-estimation
+
+
+def soup_run(cfg: StudyConfig, keys: list[str], bn_batches: int = 100, log=print) -> dict:
+    """Average the weights of finished runs ``keys`` (fine-tunes of one pruned network on different batch
+    streams, e.g. ``--finetune-seed`` repeats), re-estimate batch norm on ``bn_batches`` training batches,
+    export and evaluate the soup as run ``<method>@<ratio><cfg.tag>`` like any other run (study image,
+    shifts, paired comparison, validation)."""
+    from models.compression.compress import CompressionResult
+    from models.compression.cost import count_cost
+    from models.compression.soup import reestimate_batchnorm, soup_state_dicts
+    from models.compression.structured import rebuild_pruned
+    from models.export import read_metadata
+    from models.train_crowns import load_crown_net
+    from pipeline.errors import InputError
+
+    results = load_results(cfg.results)
+    missing = [k for k in keys if k not in results["runs"]]
+    if missing or len(keys) < 2:
+        raise InputError(f"{cfg.results}: a soup needs >= 2 finished runs; not found: {missing or keys}; "
+                         f"finished runs: {', '.join(results['runs'])}")
+    members = [results["runs"][k] for k in keys]
+    recipe = {(m["method"], m["ratio"]) for m in members}
+    if len(recipe) != 1:
+        raise InputError(f"soup members must share method and ratio, got {sorted(recipe)}")
+    method, ratio = recipe.pop()
+    key = f"{method}@{ratio:g}{cfg.tag}"
+    torch.set_num_threads(cfg.threads)
+    dense_net, train_cfg = load_crown_net(cfg.checkpoint)
+    dense_meta = read_metadata(cfg.dense_onnx)
+    dense_meta.pop("compression", None)
+    postprocess = json.loads(dense_meta.get("postprocess", "{}"))
+    tile = int(dense_meta.get("tile_size", train_cfg.tile_size))
+    shape = (3, tile, tile)
+    before = count_cost(dense_net, shape)
+    t0 = time.time()
+    states = [torch.load(Path(m["onnx"]).with_suffix(".pt"), weights_only=True) for m in members]
+    net = rebuild_pruned(dense_net, soup_state_dicts(states))  # rebuilds dense_net in place
+    data = CrownData(train_cfg, cfg.finetune_batch)
+    n_bn = reestimate_batchnorm(net, (data.batch(SOUP_BN_OFFSET + i)[0] for i in range(bn_batches)))
+    res = CompressionResult(net, method, ratio, cfg.budget, shape, before, count_cost(net, shape),
+                            details={"soup_of": keys, "bn_reestimated_batches": n_bn})
+    out_dir = Path(cfg.out_dir)
+    stem = f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}"
+    path = out_dir / f"{stem}.onnx"
+    meta = dict(dense_meta)
+    meta["model_version"] = f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
+    record = export_compressed(res, path, tile, metadata=meta)
+    ev = evaluate_onnx(path, cfg, prepare_shift_images(cfg), against_dense=True)
+    ev["validation"] = heldout_validation(net, data, train_cfg, postprocess)
+    torch.save(net.state_dict(), out_dir / f"{stem}.pt")
+    results = load_results(cfg.results)
+    results["runs"][key] = run_entry(res, cfg, path, record, ev, time.time() - t0, soup_of=keys)
+    save_results(cfg.results, results)
+    log(f"{key} (soup of {', '.join(keys)}): F1 {ev['f1']:.3f}")
+    return results["runs"][key]
 
 
 def _has_softmax_op(onnx_path: str | Path) -> bool:
@@ -564,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="training-batch stream of the fine-tune (repeat a recipe with another seed)")
     ap.add_argument("--distill-mixup", type=float, default=0.0,
                     help="> 0: distil on mixup views of each batch, lam ~ Beta(A, A) (function matching)")
+    ap.add_argument("--soup", default=None,
+                    help="only average the weights of these finished runs (comma-separated keys of one "
+                         "method and ratio, e.g. --finetune-seed repeats) into run <method>@<ratio><tag>")
+    ap.add_argument("--soup-bn-batches", type=int, default=100,
+                    help="training batches for the soup's batch-norm re-estimation")
     a = ap.parse_args(argv)
     cfg = StudyConfig(
         checkpoint=a.checkpoint,
@@ -592,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(quantize_run(cfg, a.quantize), indent=1))
     elif a.recalibrate:
         recalibrate_run(cfg, a.recalibrate)
+    elif a.soup:
+        soup_run(cfg, a.soup.split(","), bn_batches=a.soup_bn_batches)
     else:
         run_study(cfg)
     return 0

@@ -111,7 +111,7 @@ def _clean(boxes: pd.DataFrame, source: Path) -> pd.DataFrame:
 def box_ellipse(xmin: float, ymin: float, xmax: float, ymax: float, resolution: int = 16) -> Polygon:
     """The ellipse inscribed in a box, as a polygon in the box's (pixel) coordinates."""
     cx, cy = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
-    circle = Point(cx, cy).buffer(1.0, resolution=resolution)
+    circle = Point(cx, cy).buffer(1.0, quad_segs=resolution)
     return scale(circle, xfact=(xmax - xmin) / 2.0, yfact=(ymax - ymin) / 2.0, origin=(cx, cy))
 
 
