@@ -243,10 +243,14 @@ def test_report_writes_markdown_and_png(tmp_path):
     results["runs"]["l1@0.7"]["paired_vs_dense"] = {"delta_points": -5.0, "ci_points": [-9.25, -1.0]}
     # a second recipe at the same ratio (tagged) gets its own prune-potential row
     results["runs"]["pfp@0.7-kd"] = dict(results["runs"]["pfp@0.7"], tag="-kd", f1_shift={"haze": 0.5})
+    results["runs"]["pfp@0.7-soup"] = dict(results["runs"]["pfp@0.7"], tag="-soup", f1=0.7,
+                                           soup_of=["pfp@0.7", "pfp@0.7-kd"])
     path.write_text(json.dumps(results))
     out = write_report(path, tmp_path)
     md = out["markdown"].read_text()
     assert "pfp@0.7" in md and "Shipped as `crowns.onnx`: `pfp@0.7`" in md
+    assert "`pfp@0.7-soup` = `pfp@0.7` + `pfp@0.7-kd`" in md and "| soup of 2 fine-tunes |" in md
+    assert "| 10 / 5 |" in md  # a fine-tuned run's steps / seconds
     assert "| pfp | 0.7 | 0.7 | 0 |" in md and "| pfp -kd | 0.7 | 0.7 | 0.7 |" in md  # per recipe
     assert "| 0.795 | -0.5 |" in md and "| 0.750 | -5.0 [-9.2, -1.0] |" in md  # the interval when measured
     with Image.open(out["png"]) as im:

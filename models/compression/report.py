@@ -165,6 +165,14 @@ def _delta_cell(run: dict, dense: dict) -> str:
     return f"{p['delta_points']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
+def _finetune_cell(run: dict) -> str:
+    """Fine-tune steps / seconds of a run, or the runs a soup averaged."""
+    if run.get("soup_of"):
+        return f"soup of {len(run['soup_of'])} fine-tunes"
+    ft = run["record"].get("finetune") or {}
+    return f"{ft.get('steps', '–')} / {ft.get('seconds', '–')}"
+
+
 def _fmt(x, nd=3):
     return "–" if x is None else f"{x:.{nd}f}"
 
@@ -211,6 +219,13 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png",
             "- **`-cal` runs**: the same network as the run without `-cal`, with post-processing thresholds "
             "of its own, grid-searched on its held-out validation exactly as the dense model's were "
             "(`crown_study --recalibrate KEY`); its F1 and validation F1 use those thresholds.")
+    soups = {k: r["soup_of"] for k, r in runs.items() if r.get("soup_of")}
+    if soups:
+        lines.append(
+            "- **Soups**: the weight average of fine-tunes of the same pruned network (the members differ "
+            "only in the training batches they drew), with batch norm estimated again on training batches "
+            "(`crown_study --soup`, `models/compression/soup.py`): "
+            + "; ".join(f"`{k}` = {' + '.join(f'`{m}`' for m in v)}" for k, v in soups.items()) + ".")
     lines += ["", "## Summary", ""]
     if best:
         r = runs[best]
@@ -274,13 +289,12 @@ def markdown(results: dict, plot_name: str = "compression_f1_latency.png",
         sp_shipped = speedup(r, dense, shipped=True)
         params = r["nonzero_params"] if r["method"] == "sipp" else r["params"]
         p_label = f"{params / 1e6:.2f}M" + (" nz" if r["method"] == "sipp" else "")
-        ft = r["record"].get("finetune") or {}
         lines.append(
             f"| {key} | {p_label} | {params / dense['params'] * 100:.0f} | {r['macs'] / 1e9:.2f} | "
             f"{r['macs'] / dense['macs'] * 100:.0f} | {r['size_mb']:.1f} | {_fmt(lat.get('median_ms'), 1)} / "
             f"{_fmt(lat.get('p90_ms'), 1)} | {_fmt(sp, 2)} | {r['f1']:.3f} | "
             f"{_delta_cell(r, dense)} | "
-            f"{ft.get('steps', '–')} / {ft.get('seconds', '–')} | {_fmt(sp_shipped, 2)} | {_val_cell(r)} |"
+            f"{_finetune_cell(r)} | {_fmt(sp_shipped, 2)} | {_val_cell(r)} |"
         )
     sipp = [r for r in runs.values() if r["method"] == "sipp"]
     sparse = (
