@@ -313,7 +313,8 @@ def train_species_cmd(
 @handle_errors
 def compress_cmd(
     model: str = typer.Option(..., "--model", help="Crown-model checkpoint (.pt) to compress."),
-    method: str = typer.Option(..., "--method", help="pfp | sipp | alds | l1 | uniform | random"),
+    method: str = typer.Option(..., "--method",
+                               help="pfp | sipp | alds | l1 | uniform | random | sbf (learned scores)"),
     target: float = typer.Option(..., "--target", help="Fraction removed, e.g. 0.7 (SiPP: params)."),
     finetune: int = typer.Option(0, "--finetune", help="Fine-tune steps with LR rewinding (0 = none)."),
     distill: float = typer.Option(0.0, "--distill", help="Weight of distillation from the dense model in "

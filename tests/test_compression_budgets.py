@@ -58,12 +58,12 @@ def calib():
     return [torch.randn(2, *SHAPE, generator=g)]
 
 
-@pytest.mark.parametrize("method", ["pfp", "l1", "uniform", "random", "alds"])
+@pytest.mark.parametrize("method", ["pfp", "l1", "uniform", "random", "alds", "sbf"])
 @pytest.mark.parametrize("budget,ratio", [("macs", 0.5), ("params", 0.7)])
 def test_unet_budget_met_and_output_kept(method, budget, ratio, calib):
     net = tiny_unet()
     x = torch.randn(1, *SHAPE)
-    res = compress(net, method, ratio, SHAPE, calibration=calib, budget=budget)
+    res = compress(net, method, ratio, SHAPE, calibration=calib, budget=budget, score_steps=20)
     after = count_cost(res.model, SHAPE)
     before = count_cost(net, SHAPE)
     key = "macs" if budget == "macs" else "params"

@@ -26,10 +26,10 @@ def tiny_unet():
     return build_segmentation_net(cfg)
 
 
-@pytest.mark.parametrize("method", ["pfp", "alds"])
+@pytest.mark.parametrize("method", ["pfp", "alds", "sbf"])
 def test_pruned_model_and_onnx_agree(method, tmp_path):
     calib = [torch.randn(2, 3, TILE, TILE)]
-    res = compress(tiny_unet(), method, 0.6, (3, TILE, TILE), calibration=calib)
+    res = compress(tiny_unet(), method, 0.6, (3, TILE, TILE), calibration=calib, score_steps=20)
     path = tmp_path / "m.onnx"
     export_compressed(res, path, TILE, metadata={"task": "crown_segmentation"})
     assert parity_max_abs_diff(res.model, path) < 1e-4

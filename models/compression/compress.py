@@ -17,11 +17,13 @@ from torch import nn
 from models.compression.alds import compress_alds
 from models.compression.baselines import prune_l1, prune_random, prune_uniform
 from models.compression.cost import NetCost, count_cost
+from models.compression.learned_scores import prune_sbf
 from models.compression.structured import prune_pfp
 from models.compression.unstructured import prune_sipp, sparse_size_bytes
 
-METHODS = ("pfp", "sipp", "alds", "l1", "uniform", "random")
-STRUCTURED = ("pfp", "l1", "uniform", "random")
+METHODS = ("pfp", "sipp", "alds", "l1", "uniform", "random", "sbf")
+STRUCTURED = ("pfp", "l1", "uniform", "random", "sbf")
+DATA_INFORMED = ("pfp", "sipp", "sbf")
 
 
 @dataclass
@@ -65,16 +67,18 @@ class CompressionResult:
 def compress(model: nn.Module, method: str, target_ratio: float, input_shape: tuple[int, int, int],
              calibration: list[torch.Tensor] | None = None, budget: str = "macs",
              round_to: int | None = None, seed: int = 0, inplace: bool = False,
-             alds_k_max: int = 8) -> CompressionResult:
+             alds_k_max: int = 8, score_steps: int = 200) -> CompressionResult:
     """Compress a float network (NCHW float in, logits out) with ``method`` to ``target_ratio``.
 
-    ``calibration``: float input batches for the data-informed methods (PFP, SiPP), e.g. 8-32
-    normalised training tiles; ``input_shape`` (C, H, W) is the shape MACs are counted at.
+    ``calibration``: float input batches for the data-informed methods (PFP, SiPP, SbF: the learned
+    scores train on them, label-free), e.g. 8-32 normalised training tiles; ``input_shape`` (C, H, W) is
+    the shape MACs are counted at.
     ``alds_k_max``: largest ALDS group count (1 = plain SVD low-rank pairs, no grouped convs).
+    ``score_steps``: SbF score-learning steps (one calibration batch each).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
-    if method in ("pfp", "sipp") and not calibration:
+    if method in DATA_INFORMED and not calibration:
         raise ValueError(f"{method} is data-informed: pass calibration batches")
     net = model if inplace else copy.deepcopy(model)
     net.eval()
@@ -86,6 +90,9 @@ def compress(model: nn.Module, method: str, target_ratio: float, input_shape: tu
         details = {k: v for k, v in details.items() if k != "masks"} | {"masks": details["masks"]}
     elif method == "alds":
         net, details = compress_alds(net, input_shape, target_ratio, budget, k_max=alds_k_max, seed=seed)
+    elif method == "sbf":
+        net, details = prune_sbf(net, input_shape, calibration, target_ratio, budget, round_to,
+                                 steps=score_steps, seed=seed)
     elif method == "l1":
         net, details = prune_l1(net, input_shape, target_ratio, budget, round_to)
     elif method == "uniform":

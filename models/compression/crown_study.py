@@ -692,7 +692,7 @@ def compress_crown_checkpoint(
     on the crown training data, with ``distill`` > 0 the weight of distillation from the dense network in
     that loss; ``quantize`` also writes a static int8 QDQ copy (``*.int8.onnx``).
     """
-    from models.compression.compress import METHODS
+    from models.compression.compress import DATA_INFORMED, METHODS
     from models.export import read_metadata
     from models.train_crowns import load_crown_net
     from pipeline.errors import InputError
@@ -721,9 +721,9 @@ def compress_crown_checkpoint(
     pct = int(round(target_ratio * 100))
     out = Path(out) if out else Path("out/compress") / f"crowns-{method}-{pct}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    needs_data = method in ("pfp", "sipp") or finetune_steps > 0 or quantize
+    needs_data = method in DATA_INFORMED or finetune_steps > 0 or quantize
     data = CrownData(train_cfg, 4) if needs_data else None
-    calib = data.calibration(8, 128) if method in ("pfp", "sipp") else None
+    calib = data.calibration(8, 128) if method in DATA_INFORMED else None
     res = compress(net, method, target_ratio, (3, 256, 256), calibration=calib, budget=budget, round_to=8)
     if finetune_steps > 0:
         masks = res.details.get("masks") if method == "sipp" else None

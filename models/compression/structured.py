@@ -125,7 +125,7 @@ class ChannelPlan:
         ins = {n: float(s.in_ch) for n, s in self.layers.items()}
         outs = {n: float(s.out_ch) for n, s in self.layers.items()}
         for g, k in zip(self.groups, keep, strict=True):
-            removed_frac = 1.0 - float(k) / g.n_channels
+            removed_frac = 1.0 - k / g.n_channels  # k: a float, or a 0-d tensor (soft_cost)
             for name, idxs, _ in g.producers + g.norms:
                 outs[name] -= removed_frac * len(idxs)
             for name, idxs, _ in g.consumers:
@@ -157,6 +157,12 @@ class ChannelPlan:
     def cost(self, keep: np.ndarray, budget: str = "macs") -> float:
         """Parameters or MACs (one input of ``input_shape``) of the network pruned to ``keep`` channels."""
         params, macs = self._layer_terms(np.asarray(keep, dtype=float))
+        return params + self.fixed_params if budget == "params" else macs
+
+    def soft_cost(self, keep: torch.Tensor, budget: str = "macs") -> torch.Tensor:
+        """:meth:`cost` of continuous keep counts as a differentiable torch scalar (a learned-score
+        pruner's budget term: the same analytic model, so the penalty and the final cut agree)."""
+        params, macs = self._layer_terms(keep)
         return params + self.fixed_params if budget == "params" else macs
 
     def full_cost(self, budget: str = "macs") -> float:
