@@ -58,7 +58,7 @@ class CompressionResult:
             rec["sparse_size_bytes"] = sparse_size_bytes(self.model)
             rec["note"] = "unstructured: zeroed weights, dense shapes; no dense-CPU speed-up"
         for key in ("epsilon", "max_relative_error", "keep_fraction", "threshold", "seed", "finetune",
-                    "soup_of", "bn_reestimated_batches"):
+                    "soup_of", "bn_reestimated_batches", "score_steps", "score_history"):
             if key in self.details:
                 rec[key] = self.details[key]
         return rec
