@@ -78,9 +78,10 @@ def test_unet_budget_met_and_output_kept(method, budget, ratio, calib):
         assert after.params < before.params and after.nonzero_params == pytest.approx(after.params, rel=0.01)
 
 
-def test_resnet_with_linear_head(calib):
+@pytest.mark.parametrize("method", ["pfp", "sbf"])
+def test_resnet_with_linear_head(method, calib):
     net = TinyResNet()
-    res = compress(net, "pfp", 0.6, SHAPE, calibration=calib, budget="params")
+    res = compress(net, method, 0.6, SHAPE, calibration=calib, budget="params", score_steps=20)
     assert abs(res.after.params / res.before.params - 0.4) <= 0.02
     assert res.model(torch.randn(2, *SHAPE)).shape == (2, 5)
 
