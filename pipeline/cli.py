@@ -325,16 +325,19 @@ def compress_cmd(
     reference_onnx: str = typer.Option(None, "--reference-onnx",
                                        help="ONNX whose metadata is copied (default: zoo crowns-dense)."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
+    score_steps: int = typer.Option(200, "--score-steps", help="sbf: score-learning steps on the "
+                                    "calibration crops (more: slower, steadier scores)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Compress the crown model (PFP, SiPP, ALDS or a baseline); export it with a compression record."""
+    """Compress the crown model (PFP, SiPP, ALDS, SbF or a baseline); export it with a compression record."""
     if budget not in ("macs", "params"):
         raise InputError(f"--budget {budget!r} must be macs or params")
     from models.compression.crown_study import compress_crown_checkpoint
 
     result = compress_crown_checkpoint(model, method, target, out=out, finetune_steps=finetune,
                                        quantize=quantize, reference_onnx=reference_onnx, budget=budget,
-                                       threads=threads, log=typer.echo, distill=distill)
+                                       threads=threads, log=typer.echo, distill=distill,
+                                       score_steps=score_steps)
     rec = result["record"]
     typer.echo(f"{rec['method']}: params {rec['params_before']:,} -> {rec['params_after']:,} "
                f"(nonzero {rec['nonzero_params_after']:,}), "

@@ -684,13 +684,15 @@ def compress_crown_checkpoint(
     threads: int = 2,
     log=print,
     distill: float = 0.0,
+    score_steps: int = 200,
 ) -> dict:
     """Compress a crown-model checkpoint and export it for the engine (the ``compress`` command).
 
     Metadata (postprocess, GSD, tile size, ...) is copied from ``reference_onnx`` (default: the dense
     zoo model) and a ``compression`` record is added. ``finetune_steps`` > 0 fine-tunes with LR rewinding
     on the crown training data, with ``distill`` > 0 the weight of distillation from the dense network in
-    that loss; ``quantize`` also writes a static int8 QDQ copy (``*.int8.onnx``).
+    that loss; ``quantize`` also writes a static int8 QDQ copy (``*.int8.onnx``); ``score_steps``: the
+    learned-score steps of ``sbf``.
     """
     from models.compression.compress import DATA_INFORMED, METHODS
     from models.export import read_metadata
@@ -703,6 +705,8 @@ def compress_crown_checkpoint(
         raise InputError(f"--target {target_ratio} must be the fraction removed, between 0 and 1 (e.g. 0.7)")
     if not 0.0 <= distill <= 1.0:
         raise InputError(f"--distill {distill} must be a loss weight between 0 and 1 (e.g. 0.5)")
+    if score_steps < 1:
+        raise InputError(f"--score-steps {score_steps} must be at least 1 (e.g. 200)")
     torch.set_num_threads(max(1, threads))
     net, train_cfg = load_crown_net(checkpoint)
     zoo = Path(__file__).resolve().parents[1] / "zoo"
@@ -724,7 +728,8 @@ def compress_crown_checkpoint(
     needs_data = method in DATA_INFORMED or finetune_steps > 0 or quantize
     data = CrownData(train_cfg, 4) if needs_data else None
     calib = data.calibration(8, 128) if method in DATA_INFORMED else None
-    res = compress(net, method, target_ratio, (3, 256, 256), calibration=calib, budget=budget, round_to=8)
+    res = compress(net, method, target_ratio, (3, 256, 256), calibration=calib, budget=budget, round_to=8,
+                   score_steps=score_steps)
     if finetune_steps > 0:
         masks = res.details.get("masks") if method == "sipp" else None
         res.details["finetune"] = run_finetune(
