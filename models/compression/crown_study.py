@@ -270,18 +270,41 @@ def run_entry(res, cfg: StudyConfig, path: Path, record: dict, ev: dict, seconds
     }
 
 
-def run_study(cfg: StudyConfig, log=print) -> dict:
+def engine_metadata(onnx_path: str | Path, train_cfg) -> tuple[dict, dict, int]:
+    """The engine metadata of a crown ONNX model without its compression record (the template of every
+    compressed copy), its postprocess thresholds and its tile size (px)."""
     from models.export import read_metadata
+
+    meta = read_metadata(onnx_path)
+    meta.pop("compression", None)
+    return meta, json.loads(meta.get("postprocess", "{}")), int(meta.get("tile_size", train_cfg.tile_size))
+
+
+def export_and_evaluate(res, cfg: StudyConfig, dense_meta: dict, tile: int, shift_images, data: CrownData,
+                        train_cfg, postprocess: dict) -> tuple[Path, dict, dict]:
+    """Export a finished run for the engine (``crowns-<method>-<pct><tag>.onnx`` + its plain state dict
+    ``.pt``) and evaluate it: study image, shifts, paired comparison with the dense model, validation.
+    Returns (ONNX path, compression record, evaluation)."""
+    pct = int(round(res.target_ratio * 100))
+    stem = f"crowns-{res.method}-{pct}{cfg.tag}"
+    path = Path(cfg.out_dir) / f"{stem}.onnx"
+    meta = dict(dense_meta, model_version=f"{dense_meta.get('model_version', 'crowns')}+{res.method}{pct}")
+    record = export_compressed(res, path, tile, metadata=meta)
+    ev = evaluate_onnx(path, cfg, shift_images, against_dense=True)
+    ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
+    # a plain state dict: loaded with weights_only=True and rebuilt by structured.rebuild_pruned
+    torch.save(res.model.state_dict(), path.with_suffix(".pt"))
+    return path, record, ev
+
+
+def run_study(cfg: StudyConfig, log=print) -> dict:
     from models.train_crowns import load_crown_net
 
     torch.set_num_threads(cfg.threads)
     results = load_results(cfg.results)
     results["config"] = asdict(cfg)
     dense_net, train_cfg = load_crown_net(cfg.checkpoint)
-    dense_meta = read_metadata(cfg.dense_onnx)
-    dense_meta.pop("compression", None)
-    postprocess = json.loads(dense_meta.get("postprocess", "{}"))
-    tile = int(dense_meta.get("tile_size", train_cfg.tile_size))
+    dense_meta, postprocess, tile = engine_metadata(cfg.dense_onnx, train_cfg)
     shift_images = prepare_shift_images(cfg)
     if "dense" not in results:
         from models.compression.cost import count_cost
@@ -315,8 +338,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     if "validation" not in results["dense"]:
         results["dense"]["validation"] = heldout_validation(dense_net, data, train_cfg, postprocess)
         save_results(cfg.results, results)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     for ratio in cfg.ratios:
         for method in cfg.methods:
             key = f"{method}@{ratio:g}{cfg.tag}"
@@ -372,17 +394,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             res.before = count_cost(dense_net, (3, tile, tile))
             res.after = count_cost(res.model, (3, tile, tile))
             res.input_shape = (3, tile, tile)
-            stem = f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}"
-            path = out_dir / f"{stem}.onnx"
-            meta = dict(dense_meta)
-            meta["model_version"] = (
-                f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
-            )
-            record = export_compressed(res, path, tile, metadata=meta)
-            ev = evaluate_onnx(path, cfg, shift_images, against_dense=True)
-            ev["validation"] = heldout_validation(res.model, data, train_cfg, postprocess)
-            # a plain state dict: loaded with weights_only=True and rebuilt by structured.rebuild_pruned
-            torch.save(res.model.state_dict(), out_dir / f"{stem}.pt")
+            path, record, ev = export_and_evaluate(res, cfg, dense_meta, tile, shift_images, data, train_cfg,
+                                                   postprocess)
             results["runs"][key] = run_entry(res, cfg, path, record, ev, time.time() - t0)
             save_results(cfg.results, results)
             log(
@@ -465,7 +478,6 @@ def soup_run(cfg: StudyConfig, keys: list[str], bn_batches: int = 100, log=print
     from models.compression.cost import count_cost
     from models.compression.soup import reestimate_batchnorm, soup_state_dicts
     from models.compression.structured import rebuild_pruned
-    from models.export import read_metadata
     from models.train_crowns import load_crown_net
     from pipeline.errors import InputError
 
@@ -482,10 +494,7 @@ def soup_run(cfg: StudyConfig, keys: list[str], bn_batches: int = 100, log=print
     key = f"{method}@{ratio:g}{cfg.tag}"
     torch.set_num_threads(cfg.threads)
     dense_net, train_cfg = load_crown_net(cfg.checkpoint)
-    dense_meta = read_metadata(cfg.dense_onnx)
-    dense_meta.pop("compression", None)
-    postprocess = json.loads(dense_meta.get("postprocess", "{}"))
-    tile = int(dense_meta.get("tile_size", train_cfg.tile_size))
+    dense_meta, postprocess, tile = engine_metadata(cfg.dense_onnx, train_cfg)
     shape = (3, tile, tile)
     before = count_cost(dense_net, shape)
     t0 = time.time()
@@ -495,16 +504,10 @@ def soup_run(cfg: StudyConfig, keys: list[str], bn_batches: int = 100, log=print
     n_bn = reestimate_batchnorm(net, (data.batch(SOUP_BN_OFFSET + i)[0] for i in range(bn_batches)))
     res = CompressionResult(net, method, ratio, cfg.budget, shape, before, count_cost(net, shape),
                             details={"soup_of": keys, "bn_reestimated_batches": n_bn})
-    out_dir = Path(cfg.out_dir)
-    stem = f"crowns-{method}-{int(round(ratio * 100))}{cfg.tag}"
-    path = out_dir / f"{stem}.onnx"
-    meta = dict(dense_meta)
-    meta["model_version"] = f"{dense_meta.get('model_version', 'crowns')}+{method}{int(round(ratio * 100))}"
-    record = export_compressed(res, path, tile, metadata=meta)
-    ev = evaluate_onnx(path, cfg, prepare_shift_images(cfg), against_dense=True)
-    ev["validation"] = heldout_validation(net, data, train_cfg, postprocess)
-    torch.save(net.state_dict(), out_dir / f"{stem}.pt")
-    results = load_results(cfg.results)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    path, record, ev = export_and_evaluate(res, cfg, dense_meta, tile, prepare_shift_images(cfg), data,
+                                           train_cfg, postprocess)
+    results = load_results(cfg.results)  # re-read: the evaluation took minutes
     results["runs"][key] = run_entry(res, cfg, path, record, ev, time.time() - t0, soup_of=keys)
     save_results(cfg.results, results)
     log(f"{key} (soup of {', '.join(keys)}): F1 {ev['f1']:.3f}")
@@ -695,7 +698,6 @@ def compress_crown_checkpoint(
     learned-score steps of ``sbf``.
     """
     from models.compression.compress import DATA_INFORMED, METHODS
-    from models.export import read_metadata
     from models.train_crowns import load_crown_net
     from pipeline.errors import InputError
 
@@ -719,9 +721,7 @@ def compress_crown_checkpoint(
         raise InputError(
             "no reference crown ONNX for the metadata: pass --reference-onnx models/zoo/crowns-dense.onnx"
         )
-    meta = read_metadata(reference_onnx)
-    meta.pop("compression", None)
-    tile = int(meta.get("tile_size", train_cfg.tile_size))
+    meta, _, tile = engine_metadata(reference_onnx, train_cfg)
     pct = int(round(target_ratio * 100))
     out = Path(out) if out else Path("out/compress") / f"crowns-{method}-{pct}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)

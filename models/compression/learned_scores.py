@@ -69,21 +69,21 @@ def _producer_rows(plan: ChannelPlan, g: ChannelGroup) -> list[tuple[torch.Tenso
     return rows
 
 
-def _gated_modules(plan: ChannelPlan) -> dict[str, list[tuple[int, np.ndarray, np.ndarray]]]:
+def _gated_modules(plan: ChannelPlan) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """Per module whose output carries the gate: (group, module channel idxs, root idxs). A group is gated
     at its norms when it has any (after the norm, which would otherwise undo the gate), else at its
     producers."""
-    gated: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    gated: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for gi, g in enumerate(plan.groups):
         for name, idxs, root_idxs in g.norms or g.producers:
-            gated.setdefault(name, []).append((gi, idxs, root_idxs))
+            gated.setdefault(name, []).append((gi, torch.as_tensor(idxs), torch.as_tensor(root_idxs)))
     return gated
 
 
 def _gate_vector(n_out: int, entries, scores: list[torch.Tensor]) -> torch.Tensor:
     gate = torch.ones(n_out)
     for gi, idxs, root_idxs in entries:
-        gate = gate.index_put((torch.as_tensor(idxs),), scores[gi][torch.as_tensor(root_idxs)])
+        gate = gate.index_put((idxs,), scores[gi][root_idxs])
     return gate
 
 

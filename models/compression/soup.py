@@ -46,9 +46,16 @@ def reestimate_batchnorm(net: nn.Module, batches: Iterable[torch.Tensor]) -> int
     """Estimate every BatchNorm layer's running mean and variance again from ``batches`` (network inputs),
     as the plain average over all of them; weights are not changed. Returns the number of batches used.
     The network is left in eval mode."""
-    batches = list(batches)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         return 0
-    torch.optim.swa_utils.update_bn(batches, net)
+    seen = 0
+
+    def counted():  # streamed: the batches are never all held at once
+        nonlocal seen
+        for x in batches:
+            seen += 1
+            yield x
+
+    torch.optim.swa_utils.update_bn(counted(), net)
     net.eval()
-    return len(batches)
+    return seen

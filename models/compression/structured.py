@@ -156,12 +156,11 @@ class ChannelPlan:
 
     def cost(self, keep: np.ndarray, budget: str = "macs") -> float:
         """Parameters or MACs (one input of ``input_shape``) of the network pruned to ``keep`` channels."""
-        params, macs = self._layer_terms(np.asarray(keep, dtype=float))
-        return params + self.fixed_params if budget == "params" else macs
+        return self.soft_cost(np.asarray(keep, dtype=float), budget)
 
-    def soft_cost(self, keep: torch.Tensor, budget: str = "macs") -> torch.Tensor:
-        """:meth:`cost` of continuous keep counts as a differentiable torch scalar (a learned-score
-        pruner's budget term: the same analytic model, so the penalty and the final cut agree)."""
+    def soft_cost(self, keep: torch.Tensor | np.ndarray, budget: str = "macs") -> torch.Tensor | float:
+        """:meth:`cost` of continuous keep counts; a torch tensor gives a differentiable torch scalar (a
+        learned-score pruner's budget term: the same analytic model, so the penalty and the cut agree)."""
         params, macs = self._layer_terms(keep)
         return params + self.fixed_params if budget == "params" else macs
 
