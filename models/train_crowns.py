@@ -36,7 +36,7 @@ from models.datasets.boxes import boxes_to_polygons, read_boxes
 from models.datasets.chips import IGNORE, Scene, load_box_scene, load_polygon_scene, sample_chip, scaled_shape
 from models.datasets.polygons import read_polygons
 from models.datasets.savanna import CrownCutout, crown_bank, savanna_chip
-from models.datasets.splits import block_split
+from models.datasets.splits import BlockSplit, block_split
 from models.export import export_onnx, normalise_uint8
 from models.nets import CROWN_CLASS_NAMES, SegNetConfig, build_crown_net, count_parameters
 from pipeline.errors import InputError
@@ -56,6 +56,11 @@ class TrainCrownsConfig:
     boxes: list[str] = field(default_factory=lambda: list(DEFAULT_ANNOTATIONS))
     polygons: list[str] = field(default_factory=list)  # vector files, paired with polygon_images
     polygon_images: list[str] = field(default_factory=list)
+    # Plot datasets: DeepForest CSVs with `site` and `plot` columns (e.g. ../shared/data/neon-plots/
+    # annotations.csv), split by whole plot with the list `plot_split` (models/data/neon_plots_split.json)
+    plot_csvs: list[str] = field(default_factory=list)
+    plot_image_root: str = ""  # image paths of plot_csvs relative to this folder ("" = each CSV's folder)
+    plot_split: str = ""
     out_dir: str = "checkpoints/crowns"
     iterations: int = 1500
     batch_size: int = 8
@@ -99,9 +104,53 @@ class TrainCrownsConfig:
         return cls(**d)
 
 
-def load_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
-    """All training scenes with their spatial-block split (seeded by ``cfg.seed``)."""
+def read_plot_split(path: str | Path) -> dict:
+    """The committed plot split (``{"validation": [...], "train": [...], "excluded": [...]}``)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        return {"validation": set(doc["validation"]), "train": set(doc["train"]),
+                "excluded": set(doc.get("excluded", []))}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a plot split JSON with 'validation' and 'train' lists ({exc}); "
+                         "pass --plot-split models/data/neon_plots_split.json") from None
+
+
+def load_plot_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
+    """Scenes of the plot datasets: validation plots whole-image held out (weight 0), the rest training.
+
+    A plot in the split's ``excluded`` list (OSBS_029) is never loaded; a plot in neither list trains (extra
+    labelled plots, e.g. the OSBS labels of another flight)."""
+    if not cfg.plot_csvs:
+        return []
+    if not cfg.plot_split:
+        raise InputError("--plots-csv needs --plot-split (the committed models/data/neon_plots_split.json)")
+    split = read_plot_split(cfg.plot_split)
     scenes = []
+    for path in cfg.plot_csvs:
+        for bs in read_boxes(path, cfg.plot_image_root or None):
+            plot = bs.plot or Path(bs.image_path).stem
+            if plot in split["excluded"]:
+                continue
+            if not Path(bs.image_path).exists():
+                raise InputError(f"{path}: image {bs.image_path} not found; check --plot-image-root")
+            h, w, gsd = _image_shape_gsd(bs.image_path, cfg.image_gsd_m)
+            scale = gsd / cfg.gsd_m
+            h, w = scaled_shape(h, w, scale)
+            is_val = plot in split["validation"]
+            block = BlockSplit(h, w, max(h, w), frozenset({(0, 0)})) if is_val else None
+            scene = load_box_scene(bs, block, cfg.interior_ratio, weight=0.0 if is_val else 1.0, scale=scale)
+            scene.site, scene.plot = bs.site, plot
+            scenes.append(scene)
+    return scenes
+
+
+def load_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
+    """All training scenes with their split: spatial blocks (seeded by ``cfg.seed``) of the box and polygon
+    files, whole plots (:func:`load_plot_scenes`) of the plot datasets. With plot datasets, the box and
+    polygon files train only (their images are single scenes of other sites: no plot to hold out)."""
+    scenes = []
+    block_val = 0.0 if cfg.plot_csvs else cfg.val_fraction
     for k, path in enumerate(cfg.boxes):
         for bs in read_boxes(path):
             if not Path(bs.image_path).exists():
@@ -109,7 +158,7 @@ def load_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
             h, w, gsd = _image_shape_gsd(bs.image_path, cfg.image_gsd_m)
             scale = gsd / cfg.gsd_m
             h, w = scaled_shape(h, w, scale)
-            split = block_split(h, w, cfg.block_px, cfg.val_fraction, cfg.seed + k)
+            split = block_split(h, w, cfg.block_px, block_val, cfg.seed + k)
             scenes.append(load_box_scene(bs, split, cfg.interior_ratio, scale=scale))
     if len(cfg.polygons) != len(cfg.polygon_images):
         raise InputError("--polygons and --polygon-image must be given the same number of times (pairs)")
@@ -118,8 +167,9 @@ def load_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
         h, w, gsd = _image_shape_gsd(img, cfg.image_gsd_m)
         scale = gsd / cfg.gsd_m
         h, w = scaled_shape(h, w, scale)
-        split = block_split(h, w, cfg.block_px, cfg.val_fraction, cfg.seed + 100 + k)
+        split = block_split(h, w, cfg.block_px, block_val, cfg.seed + 100 + k)
         scenes.append(load_polygon_scene(ps, split, cfg.interior_ratio, scale=scale))
+    scenes += load_plot_scenes(cfg)
     if not scenes:
         raise InputError("no training data: pass --boxes (CSV/VOC) or --polygons with --polygon-image")
     return scenes
@@ -316,12 +366,18 @@ class ValCase:
     valid: np.ndarray
     truth: list
     keep: Callable[[float, float], bool]  # (x_px, y_px) -> inside the held-out region
+    site: str = ""  # plot datasets: the NEON site, for per-site scores
 
 
 def validation_cases(
     net: nn.Module, scenes: list[Scene], cfg: TrainCrownsConfig, n_savanna: int = 8, tta: bool = False
 ) -> list[ValCase]:
-    """Held-out blocks of the real scenes + savanna chips from held-out crowns (never training pixels)."""
+    """Held-out blocks of the real scenes + savanna chips from held-out crowns (never training pixels).
+
+    With plot datasets (scenes that carry a site) the validation is the held-out plots alone: no savanna
+    chips, so thresholds are chosen on real validation plots only."""
+    if any(s.site for s in scenes):
+        n_savanna = 0
     cases = []
     val_bank: list[CrownCutout] = []
     for s in scenes:
@@ -341,6 +397,7 @@ def validation_cases(
                 s.valid,
                 truth,
                 lambda x, y, split=split: bool(split.is_val(np.array([x]), np.array([y]))[0]),
+                s.site,
             )
         )
         for r0, c0, m in s.instances:
@@ -375,7 +432,8 @@ def _box(x0, y0, x1, y1):
 
 
 def score_cases(cases: list[ValCase], params: dict[str, float], gsd_m: float) -> dict[str, float]:
-    """F1 at IoU 0.4 (predicted crown envelope vs reference box) per group: real blocks and savanna chips."""
+    """F1 at IoU 0.4 (predicted crown envelope vs reference box) per group: real blocks and savanna chips,
+    and per site (``site_<SITE>_...``) for cases that carry one. TP/FP/FN are pooled over a group's images."""
     from affine import Affine
 
     from pipeline.crowns import extract_crowns
@@ -393,9 +451,13 @@ def score_cases(cases: list[ValCase], params: dict[str, float], gsd_m: float) ->
             if c.keep(x / gsd_m, y / gsd_m):
                 x0, y0, x1, y1 = cand.polygon.bounds
                 pred.append(_box(x0 / gsd_m, y0 / gsd_m, x1 / gsd_m, y1 / gsd_m))
-        g = groups["savanna" if c.name.startswith("savanna_") else "real"]
-        g[0].append(pred)
-        g[1].append(c.truth)
+        names = ["savanna" if c.name.startswith("savanna_") else "real"]
+        if c.site:
+            names.append(f"site_{c.site}")
+        for name in names:
+            g = groups.setdefault(name, [[], []])
+            g[0].append(pred)
+            g[1].append(c.truth)
     out = {}
     for name, (preds, truths) in groups.items():
         if not preds:
@@ -430,7 +492,7 @@ def calibrate_postprocess(
     for values in itertools.product(*(PARAM_GRID[k] for k in keys)):
         params = dict(zip(keys, values, strict=True))
         m = score_cases(cases, params, gsd_m)
-        f1s = [v for k, v in m.items() if k.endswith("_f1_iou0.4")]
+        f1s = [m[f"{g}_f1_iou0.4"] for g in ("real", "savanna") if f"{g}_f1_iou0.4" in m]
         score = float(np.mean(f1s)) if f1s else 0.0
         if score > best_score:
             best, best_score, best_metrics = params, score, m
@@ -448,13 +510,18 @@ def calibrate_on_validation(net: nn.Module, scenes: list[Scene], cfg: TrainCrown
 
 def _training_data_summary(cfg: TrainCrownsConfig) -> str:
     """One line for the ONNX metadata: what the model was trained on."""
-    if list(cfg.boxes) == list(DEFAULT_ANNOTATIONS) and not cfg.polygons:
+    if list(cfg.boxes) == list(DEFAULT_ANNOTATIONS) and not cfg.polygons and not cfg.plot_csvs:
         text = ("NEON AOP RGB 0.1 m: YELL crop (279 VOC boxes) + SOAP_061 (37 boxes), boxes as inscribed "
                 "ellipses; procedural open-ground chips with pasted training crowns; "
                 f"{cfg.val_fraction:.0%} of {cfg.block_px}px blocks held out")
     else:
         text = json.dumps({"boxes": [Path(b).name for b in cfg.boxes],
                            "polygons": [Path(p).name for p in cfg.polygons]})
+    if cfg.plot_csvs:
+        split = read_plot_split(cfg.plot_split)
+        text += (f"; NEON plot boxes {[str(Path(p)) for p in cfg.plot_csvs]} split by whole plot "
+                 f"({len(split['validation'])} validation plots held out, list {Path(cfg.plot_split).name}; "
+                 f"excluded {sorted(split['excluded'])})")
     if cfg.synthetic_scenes > 0 and cfg.synthetic_fraction > 0:
         from models.datasets.synthetic_scenes import synthetic_scene_seeds
 

@@ -29,11 +29,14 @@ class BoxSet:
 
     image_path: Path
     boxes: pd.DataFrame
+    site: str = ""  # the CSV's ``site`` column, when it has one
+    plot: str = ""  # the CSV's ``plot`` column (one plot may have several images, e.g. two flights)
 
 
 def read_deepforest_csv(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[BoxSet]:
     """Read a DeepForest CSV (image_path,xmin,ymin,xmax,ymax,label); image paths are relative to the CSV
-    folder (or ``image_root``). One :class:`BoxSet` per image."""
+    folder (or ``image_root``). One :class:`BoxSet` per image, with its ``site`` and ``plot`` when the CSV
+    has those columns (the NEON plot annotations do)."""
     path = Path(path)
     try:
         df = pd.read_csv(path)
@@ -53,7 +56,9 @@ def read_deepforest_csv(path: str | os.PathLike, image_root: str | os.PathLike |
     out = []
     for name, group in df.groupby("image_path", sort=False):
         boxes = group[BOX_COLUMNS + ["label"]].astype({c: float for c in BOX_COLUMNS}).reset_index(drop=True)
-        out.append(BoxSet(root / str(name), _clean(boxes, path)))
+        site = str(group["site"].iloc[0]) if "site" in group.columns else ""
+        plot = str(group["plot"].iloc[0]) if "plot" in group.columns else ""
+        out.append(BoxSet(root / str(name), _clean(boxes, path), site, plot))
     return out
 
 

@@ -35,6 +35,8 @@ class Scene:
     boxes: pd.DataFrame | None = None  # pixel boxes (for evaluation), when the source was boxes
     split: BlockSplit | None = None
     weight: float = 1.0
+    site: str = ""  # NEON site (plot datasets), for per-site validation scores
+    plot: str = ""
 
     @property
     def height(self) -> int:

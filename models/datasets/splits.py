@@ -44,3 +44,58 @@ def block_split(
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(blocks), size=n_val, replace=False) if n_val else []
     return BlockSplit(height, width, block_px, frozenset(blocks[i] for i in chosen))
+
+
+def plot_split(
+    plots_by_site: dict[str, list[str]],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    exclude: tuple[str, ...] = ("OSBS_029",),
+) -> dict:
+    """Split whole plots into train / validation, stratified by site (no image of a plot on both sides).
+
+    Each site holds out ``round(val_fraction * n_plots)`` of its plots (at least one when it has two or
+    more; a site with a single plot stays in training). Plots named in ``exclude`` (the project's visible
+    evaluation image, OSBS_029) are on neither side. Deterministic in ``seed`` and independent of dict order.
+    Returns ``{"validation": [...], "train": [...], "excluded": [...], "val_fraction", "seed"}``."""
+    import zlib
+
+    val, train, excluded = [], [], set()
+    for site in sorted(plots_by_site):
+        plots = sorted(set(plots_by_site[site]))
+        excluded |= {p for p in plots if p in exclude}
+        plots = [p for p in plots if p not in exclude]
+        n_val = int(round(val_fraction * len(plots)))
+        if len(plots) >= 2:
+            n_val = min(max(n_val, 1), len(plots) - 1)
+        else:
+            n_val = 0
+        rng = np.random.default_rng([seed, zlib.crc32(site.encode())])
+        chosen = set(rng.choice(len(plots), size=n_val, replace=False).tolist()) if n_val else set()
+        val += [p for i, p in enumerate(plots) if i in chosen]
+        train += [p for i, p in enumerate(plots) if i not in chosen]
+    return {"validation": sorted(val), "train": sorted(train), "excluded": sorted(excluded),
+            "val_fraction": val_fraction, "seed": seed}
+
+
+def plots_by_site(csv_paths: list[str]) -> dict[str, list[str]]:
+    """``{site: [plot, ...]}`` from DeepForest CSVs with ``site`` and ``plot`` columns."""
+    import pandas as pd
+
+    out: dict[str, set[str]] = {}
+    for path in csv_paths:
+        df = pd.read_csv(path, usecols=["site", "plot"])
+        for site, plot in df.drop_duplicates().itertuples(index=False):
+            out.setdefault(str(site), set()).add(str(plot))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def write_plot_split(csv_paths: list[str], out_path: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Make the stratified plot split of ``csv_paths`` (:func:`plot_split`) and write it as JSON."""
+    import json
+    from pathlib import Path
+
+    doc = plot_split(plots_by_site(csv_paths), val_fraction, seed)
+    doc["sources"] = [Path(p).name for p in csv_paths]
+    Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
