@@ -333,6 +333,9 @@ def test_evaluate_cli_multi_image_bad_inputs(tmp_path):
     (tmp_path / "t.csv").write_text("image_path,xmin,ymin,xmax,ymax\nnope.tif,0,0,10,10\n")
     res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "t.csv"), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "t.csv: 1 image(s) not found" in res.output
+    (tmp_path / "t.csv").write_text("image_path,xmin,ymin,xmax,ymax\n")
+    res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "t.csv"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "t.csv: no rows" in res.output
     res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "t.csv"), "--split",
                                    str(tmp_path / "s.json"), "--subset", "test"])
     assert res.exit_code == 2 and "--subset 'test'" in res.output

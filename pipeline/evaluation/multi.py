@@ -277,6 +277,8 @@ def evaluate_crowns_on_csv(
     plot bootstrap). ``selection`` is a free-text note of how the plots were chosen (recorded)."""
     csv = Path(csv)
     images, missing = select_images(read_box_table(csv), plots, csv)
+    if not images:
+        raise InputError(f"{csv}: no rows; give one row per reference box (image_path,xmin,ymin,xmax,ymax)")
     absent = [str(im.image) for im in images if not im.image.is_file()]
     if absent:
         raise InputError(f"{csv}: {len(absent)} image(s) not found, e.g. {absent[0]}; image_path is "
