@@ -236,8 +236,8 @@ def evaluate_cmd(
     out: str = typer.Option("out/eval", "--out", help="folder for crown_metrics.json/.md"),
     crown_model: str = typer.Option(None, "--crown-model",
                                     help="ONNX crown model (default models/zoo/crowns.onnx)"),
-    split: str = typer.Option(None, "--split", help="multi-image: split JSON {\"validation\": [plots], "
-                              "\"train\": [plots]}; score only the --subset plots"),
+    split: str = typer.Option(None, "--split", help="multi-image: split JSON with \"validation\" and "
+                              "\"train\" lists of plot ids; score only the --subset plots"),
     subset: str = typer.Option("validation", "--subset",
                                help="multi-image: validation | train (with --split)"),
     plots: str = typer.Option(None, "--plots", help="multi-image: comma-separated plot ids (the CSV's plot "
