@@ -240,25 +240,43 @@ def train_crowns_cmd(
 @app.command("evaluate")
 @handle_errors
 def evaluate_cmd(
-    image: str = typer.Argument(..., help="orthomosaic (GeoTIFF) to segment"),
+    image: str = typer.Argument(None, help="orthomosaic (GeoTIFF) to segment; omit it to score every image "
+                                "of a multi-image --truth CSV"),
     truth: str = typer.Option(..., "--truth",
-                              help="reference crowns: DeepForest CSV, Pascal VOC XML or polygons"),
+                              help="reference crowns: DeepForest CSV (one or many images), Pascal VOC XML "
+                              "or polygons"),
     out: str = typer.Option("out/eval", "--out", help="folder for crown_metrics.json/.md"),
     crown_model: str = typer.Option(None, "--crown-model",
                                     help="ONNX crown model (default models/zoo/crowns.onnx)"),
+    split: str = typer.Option(None, "--split", help="multi-image: split JSON with \"validation\" and "
+                              "\"train\" lists of plot ids; score only the --subset plots"),
+    subset: str = typer.Option("validation", "--subset",
+                               help="multi-image: validation | train (with --split)"),
+    plots: str = typer.Option(None, "--plots", help="multi-image: comma-separated plot ids (the CSV's plot "
+                              "column, or image file stems) to score"),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads (default: all cores)"),
     bands: str | None = typer.Option(None, "--bands", help="red,green,blue band numbers [default: auto]"),
     tta: bool = typer.Option(False, "--tta", help="test-time augmentation: 4 flipped/rotated views a tile"),
     compare_to: str = typer.Option(None, "--compare-to", help="baseline crown model (e.g. models/zoo/"
                                    "crowns-dense.onnx): F1 difference, paired block-bootstrap interval"),
-    block_m: float = typer.Option(10.0, "--block-m", help="bootstrap block side for --compare-to, m"),
+    block_m: float = typer.Option(10.0, "--block-m", help="bootstrap block side for --compare-to, m "
+                                  "(multi-image: the blocks are plots)"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """Crown precision/recall/F1 at IoU 0.4 and 0.5 (Hungarian matching), area error and pixel IoU."""
-    from pipeline.evaluation.run import evaluate_crowns_on_image
+    """Crown precision/recall/F1 at IoU 0.4 and 0.5 (Hungarian matching), area error and pixel IoU.
 
+    Without IMAGE, --truth is a multi-image DeepForest CSV (optional site and plot columns): per-site and
+    pooled P / R / F1 over its images, or over the plots of --split/--subset or --plots."""
     if compare_to is not None and not Path(compare_to).is_file():
         raise InputError(f"{compare_to}: baseline crown model not found; pass an ONNX file to --compare-to")
+    if image is None:
+        _evaluate_multi(truth, out, crown_model, split, subset, plots, threads, bands, tta, compare_to)
+        return
+    if split or plots:
+        raise InputError("--split/--plots select images of a multi-image CSV: drop the IMAGE argument "
+                         f"({image}) to use them")
+    from pipeline.evaluation.run import evaluate_crowns_on_image
+
     res = evaluate_crowns_on_image(image, truth, out, crown_model=crown_model, threads=threads,
                                    bands=parse_bands(bands) if bands else None, tta=tta,
                                    compare_to=compare_to, block_m=block_m)
@@ -275,6 +293,55 @@ def evaluate_cmd(
                    f"{p['tolerance_points']:g} point in {100 * p['share_within_tolerance']:.0f} % of "
                    "resamples")
 
+
+def _evaluate_multi(truth: str, out: str, crown_model: str | None, split: str | None, subset: str,
+                    plots: str | None, threads: int | None, bands: str | None, tta: bool,
+                    compare_to: str | None) -> None:
+    """``evaluate`` without an image: every (selected) image of a multi-image CSV, a per-site table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.evaluation.multi import evaluate_crowns_on_csv, read_split
+
+    if split and plots:
+        raise InputError("--split and --plots both select plots: give one of them")
+    if not Path(truth).suffix.lower() == ".csv":
+        raise InputError(f"{truth}: without an IMAGE argument --truth must be a multi-image DeepForest CSV "
+                         "(or give the image to score: forest-inventory evaluate IMAGE --truth ...)")
+    chosen, note = None, None
+    if split:
+        chosen, note = read_split(split, subset), f"{subset} plots of {Path(split).name}"
+    elif plots:
+        chosen = [p.strip() for p in plots.split(",") if p.strip()]
+        note = f"plots {', '.join(chosen)}"
+    err = Console(stderr=True)
+
+    def progress(done: int, total: int, name: str) -> None:
+        if name:
+            err.print(f"[{done + 1}/{total}] {name}", highlight=False)
+
+    res = evaluate_crowns_on_csv(truth, out, crown_model=crown_model, plots=chosen, threads=threads,
+                                 bands=parse_bands(bands) if bands else None, tta=tta,
+                                 compare_to=compare_to, selection=note, progress=progress)
+    table = Table(title=f"Crowns vs {Path(truth).name}" + (f" ({note})" if note else "")
+                  + f", model {Path(res['crown_model']).name}")
+    for col in ("site", "images", "pred", "ref", "P@0.4", "R@0.4", "F1@0.4", "P@0.5", "R@0.5", "F1@0.5"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for site, s in [*res["sites"].items(), ("pooled", res["pooled"])]:
+        t4, t5 = s["thresholds"]["0.4"], s["thresholds"]["0.5"]
+        table.add_row(site, str(s["n_images"]), str(s["n_pred"]), str(s["n_truth"]),
+                      *(f"{t[k]:.3f}" for t in (t4, t5) for k in ("precision", "recall", "f1")),
+                      end_section=site == list(res["sites"])[-1])
+    Console().print(table)
+    if res["missing_plots"]:
+        typer.echo(f"note: {len(res['missing_plots'])} selected plot(s) not in {truth}: "
+                   f"{', '.join(res['missing_plots'][:10])}")
+    if "paired" in res:
+        p = res["paired"]
+        typer.echo(f"against {compare_to}: pooled F1@0.4 {p['delta_points']:+.1f} points (90 % interval "
+                   f"{p['ci_points'][0]:+.1f} to {p['ci_points'][1]:+.1f}, bootstrap over "
+                   f"{p['n_blocks']} plots)")
+    typer.echo(f"written {out}/crown_metrics.json and .md")
 
 
 @train_app.command("species")

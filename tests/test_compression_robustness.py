@@ -186,6 +186,7 @@ def _results():
             "recall": 0.8,
             "f1_shift": shift,
             "latency": {"median_ms": 100.0, "p90_ms": 110.0},
+            "validation": {"real_f1_iou0.4": 0.60, "savanna_f1_iou0.4": 0.90},
         },
         "latency": {"cpu_count": 2, "load_avg_1m": 3.0},
         "runs": {
@@ -201,6 +202,7 @@ def _results():
                 "f1_shift": {"haze": 0.49},
                 "record": {"finetune": {"steps": 10, "seconds": 5}},
                 "latency": {"median_ms": 35.0, "p90_ms": 40.0},
+                "validation": {"real_f1_iou0.4": 0.595, "savanna_f1_iou0.4": 0.90},
             },
             "l1@0.7": {
                 "method": "l1",
@@ -214,6 +216,7 @@ def _results():
                 "f1_shift": {"haze": 0.45},
                 "record": {},
                 "latency": {"median_ms": 34.0, "p90_ms": 40.0},
+                "validation": {"real_f1_iou0.4": 0.55, "savanna_f1_iou0.4": 0.85},
             },
             "sipp@0.7": {
                 "method": "sipp",
@@ -234,7 +237,27 @@ def _results():
 
 def test_selection_applies_the_goal():
     best, ok = selection(_results())
-    assert best == "pfp@0.7" and ok == ["pfp@0.7"]  # l1 loses 5 points; sipp is not faster
+    assert best == "pfp@0.7" and ok == ["pfp@0.7"]  # l1 loses 5 validation points; sipp is not faster
+
+
+def test_selection_uses_validation_only_never_osbs():
+    """OSBS_029 F1 enters no rule: a run 20 OSBS points down but within 1 validation point is shipped, a run
+    above the dense model on OSBS but 5 validation points down is not, a run without validation never is;
+    the pooled validation F1 is used where a record carries it."""
+    results = _results()
+    runs = results["runs"]
+    runs["pfp@0.7"]["f1"] = 0.60  # -20 OSBS points
+    runs["l1@0.7"]["f1"] = 0.95  # +15 OSBS points, -5 validation points
+    runs["uniform@0.7"] = dict(runs["l1@0.7"], method="uniform", f1=0.99)
+    del runs["uniform@0.7"]["validation"]  # no validation: not eligible
+    assert selection(results) == ("pfp@0.7", ["pfp@0.7"])
+    # pooled validation F1 over the validation plots outranks the older per-set figures
+    results["dense"]["validation"]["pooled_f1_iou0.4"] = 0.50
+    runs["pfp@0.7"]["validation"]["pooled_f1_iou0.4"] = 0.48  # -2 points: out
+    runs["l1@0.7"]["validation"]["pooled_f1_iou0.4"] = 0.495  # -0.5 points: in
+    assert selection(results) == ("l1@0.7", ["l1@0.7"])
+    del results["dense"]["validation"]
+    assert selection(results) == (None, [])  # no dense validation: nothing to compare against
 
 
 def test_report_writes_markdown_and_png(tmp_path):
@@ -248,7 +271,8 @@ def test_report_writes_markdown_and_png(tmp_path):
     path.write_text(json.dumps(results))
     out = write_report(path, tmp_path)
     md = out["markdown"].read_text()
-    assert "pfp@0.7" in md and "Shipped as `crowns.onnx`: `pfp@0.7`" in md
+    assert "pfp@0.7" in md and "Shipped as `crowns.onnx`: `pfp@0.7`** (chosen on validation)" in md
+    assert "Held out, scored after selection: OSBS_029 F1 0.795 vs dense 0.800" in md
     assert "`pfp@0.7-soup` = `pfp@0.7` + `pfp@0.7-kd`" in md and "| soup of 2 fine-tunes |" in md
     assert "| 10 / 5 |" in md  # a fine-tuned run's steps / seconds
     assert "| pfp | 0.7 | 0.7 | 0 |" in md and "| pfp -kd | 0.7 | 0.7 | 0.7 |" in md  # per recipe

@@ -109,9 +109,24 @@ def paired_f1_difference(
 
     Geometries share one projected CRS; ``block_m`` is the block side in its units (m).
     """
-    (a, b), blocks = block_counts([pred_a, pred_b], truth, block_m, iou_threshold)
+    (a, b), _ = block_counts([pred_a, pred_b], truth, block_m, iou_threshold)
+    return paired_from_counts(a, b, block_m, iou_threshold, n_boot, ci_level, tolerance_points, seed)
+
+
+def paired_from_counts(
+    a: BlockCounts,
+    b: BlockCounts,
+    block_m: float,
+    iou_threshold: float = 0.4,
+    n_boot: int = 4000,
+    ci_level: float = 0.9,
+    tolerance_points: float = 1.0,
+    seed: int = 0,
+) -> PairedF1:
+    """F1(b) - F1(a) with its paired bootstrap over the blocks of ``a`` and ``b`` (the same blocks: map
+    squares of ``block_m``, or whole plots of a multi-image evaluation, recorded with ``block_m`` 0)."""
     rng = np.random.default_rng(seed)
-    n = len(blocks)
+    n = len(a.tp)
     if n:
         draws = rng.integers(0, n, size=(n_boot, n))
         weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(float)
