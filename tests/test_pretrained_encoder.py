@@ -236,3 +236,45 @@ def test_js_literal_and_base64_shard(tmp_path) -> None:
     value, end = parse_js_literal("[1, .5, -2e3, 'x', {a: !0}] tail")
     assert value == [1, 0.5, -2000.0, "x", {"a": True}] and end == len("[1, .5, -2e3, 'x', {a: !0}]")
 
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_train_crowns_applies_the_encoder_init_before_training(tmp_path, monkeypatch) -> None:
+    import models.pretrained as pretrained
+    from models.train_crowns import TrainCrownsConfig, train_crowns
+
+    calls = []
+
+    def fake_load(net: torch.nn.Module, source: str = "nsfwjs", **kw: object) -> dict:
+        calls.append((type(net.encoder).__name__, source))
+        raise _Stop
+
+    monkeypatch.setattr(pretrained, "load_pretrained_encoder", fake_load)
+    net = SegNetConfig(encoder="mobilenet_v2", encoder_depth=4, decoder_channels=(64, 32, 16, 16)).to_dict()
+    cfg = TrainCrownsConfig(out_dir=str(tmp_path), encoder_init="nsfwjs", net=net)
+    with pytest.raises(_Stop):
+        train_crowns(cfg, log=lambda s: None)
+    assert calls and calls[0][1] == "nsfwjs" and "MobileNet" in calls[0][0]
+
+
+def test_cli_encoder_init_flag_switches_to_mobilenet_v2(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import models.train_crowns as tc
+    from pipeline.cli import app
+
+    seen = {}
+
+    def fake_run(cfg: object, onnx: str, **kw: object) -> dict:
+        seen["cfg"] = cfg
+        return {"onnx": onnx, "validation": {}}
+
+    monkeypatch.setattr(tc, "run_training", fake_run)
+    res = CliRunner().invoke(app, ["train", "crowns", "--encoder-init", "nsfwjs", "--out", "x"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].encoder_init == "nsfwjs" and seen["cfg"].net["encoder"] == "mobilenet_v2"
+    res = CliRunner().invoke(app, ["train", "crowns", "--out", "x"])
+    assert seen["cfg"].encoder_init == "" and seen["cfg"].net["encoder"] == "resnet18"
