@@ -21,8 +21,14 @@ Differences between the Keras and the torch network, and how each is handled:
   the two BNs agree exactly; later training updates the running statistics as usual.
 - **Stride-2 padding**: Keras pads stride-2 convolutions by one pixel at the bottom/right only
   (``ZeroPadding2D((0, 1), (0, 1))`` + 'valid'), torch pads one pixel on every side. Output sizes are the
-  same, but each stride-2 layer samples its window one input pixel up/left of Keras: a shift of half an
-  output pixel per stride-2 layer (five of them in the full net). Accepted for an encoder start; not fixed.
+  same, but each stride-2 layer samples its window one input pixel up/left of Keras. Away from the image
+  border the converted network is exactly the Keras network applied to the input translated by
+  1 + 2 + 4 + 8 = 15 px down/right at block_10 (31 px after block_13): the same features, sampled at a
+  slightly different grid phase. Accepted for an encoder start; not changed.
+
+Checked against the original runtime (TF.js 4.22, CPU backend, a 224 px NEON image): with Keras' padding
+emulated in torch and ``absorb_input_norm=False`` the converted network reproduces TF.js at Conv1_relu,
+block_10_project_BN and out_relu within 3e-5 (max abs; relative L2 <= 2.3e-6).
 - **Input normalisation**: Keras MobileNetV2 expects ``x / 127.5 - 1`` (x in 0..255, RGB); this project
   feeds ``(x - 255 * mean) / (255 * std)`` with the ImageNet mean/std (:func:`models.export.normalise_uint8`).
   With ``absorb_input_norm=True`` (the default) the first convolution is rewritten so that the converted
@@ -460,7 +466,8 @@ def load_pretrained_encoder(
     ``upto_block=None`` loads the ImageNet part (block_10 and below, as the model file marks it frozen).
     ``weights`` (Keras layout) skips the download (tests). Returns ``{"loaded": [...], "not_loaded": [...],
     "unused": [...]}``: encoder keys set from the file, encoder keys left as they were, converted keys the
-    network has no slot for (e.g. stages dropped by a smaller ``encoder_depth``).
+    network has no slot for (e.g. stages dropped by a smaller ``encoder_depth``); BN batch counters are
+    left out of the lists.
     """
     if source != "nsfwjs":
         raise InputError(f"unknown encoder init {source!r}: use 'nsfwjs' or ''")
@@ -487,7 +494,13 @@ def load_pretrained_encoder(
             loadable[key] = value.to(own[key].dtype)
     encoder.load_state_dict(loadable, strict=False)
     return {
-        "loaded": sorted(loadable),
-        "not_loaded": sorted(k for k in own if k not in loadable),
-        "unused": sorted(k for k in converted if k not in own),
+        "loaded": sorted(loadable, key=_natural),
+        "not_loaded": sorted((k for k in own if k not in loadable and not k.endswith("num_batches_tracked")),
+                             key=_natural),
+        "unused": sorted((k for k in converted if k not in own), key=_natural),
     }
+
+
+def _natural(key: str) -> list[Any]:
+    """Sort key with numbers compared as numbers (features.2 before features.10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]

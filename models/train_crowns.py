@@ -235,7 +235,7 @@ def train_crowns(
         report = load_pretrained_encoder(net, source=cfg.encoder_init)
         log(
             f"encoder start {cfg.encoder_init}: {len(report['loaded'])} encoder tensors loaded, "
-            f"{len(report['not_loaded'])} left random (last loaded {report['loaded'][-1:]})"
+            f"{len(report['not_loaded'])} left random (loaded up to {report['loaded'][-1:]})"
         )
     scenes = load_scenes(cfg)
     bank = crown_bank(scenes)
