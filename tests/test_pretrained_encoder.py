@@ -280,3 +280,20 @@ def test_cli_encoder_init_flag_switches_to_mobilenet_v2(monkeypatch) -> None:
     assert seen["cfg"].encoder_init == "nsfwjs" and seen["cfg"].net["encoder"] == "mobilenet_v2"
     res = CliRunner().invoke(app, ["train", "crowns", "--out", "x"])
     assert seen["cfg"].encoder_init == "" and seen["cfg"].net["encoder"] == "resnet18"
+
+
+def test_fetch_without_npm_or_with_failing_npm_is_an_input_error(tmp_path, monkeypatch) -> None:
+    import models.pretrained as pretrained
+    from pipeline.errors import InputError
+
+    monkeypatch.setattr(pretrained.shutil, "which", lambda name: None)
+    with pytest.raises(InputError, match="npm not found") as err:
+        pretrained.fetch_nsfwjs(tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    fake = tmp_path / "npm"
+    fake.write_text("#!/bin/sh\necho 'npm error 404 Not Found - GET nsfwjs' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(pretrained.shutil, "which", lambda name: str(fake))
+    with pytest.raises(InputError, match="npm pack nsfwjs@4.4.0 failed.*404") as err:
+        pretrained.fetch_nsfwjs(tmp_path / "cache")
+    assert "\n" not in str(err.value)
