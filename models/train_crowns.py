@@ -89,6 +89,7 @@ class TrainCrownsConfig:
     image_gsd_m: float = 0.1  # GSD of images without georeferencing (the NEON PNGs)
     tile_size: int = 512
     overlap_px: int = 80
+    encoder_init: str = ""  # "" = random; "nsfwjs" = ImageNet MobileNetV2 blocks 0..10 (models.pretrained)
     net: dict = field(
         default_factory=lambda: SegNetConfig(
             encoder="resnet18", encoder_depth=4, decoder_channels=(64, 32, 16, 16)
@@ -278,6 +279,14 @@ def train_crowns(
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
         log(f"resumed from {ckpt_path} at step {start}")
+    elif cfg.encoder_init:
+        from models.pretrained import load_pretrained_encoder
+
+        report = load_pretrained_encoder(net, source=cfg.encoder_init)
+        log(
+            f"encoder start {cfg.encoder_init}: {len(report['loaded'])} encoder tensors loaded, "
+            f"{len(report['not_loaded'])} left random (loaded up to {report['loaded'][-1:]})"
+        )
     scenes = load_scenes(cfg)
     bank = crown_bank(scenes)
     synthetic = load_synthetic_scenes(cfg)

@@ -215,6 +215,9 @@ def train_crowns_cmd(
                                              help="share of chips cut from the synthetic scenes"),
     synthetic_style: str = typer.Option("smooth", "--synthetic-style",
                                         help="crown look of the synthetic scenes: smooth or clumped"),
+    encoder_init: str = typer.Option("", "--encoder-init",
+                                     help="'' = random encoder; 'nsfwjs' = ImageNet MobileNetV2 start "
+                                     "(fetched with npm; switches the encoder to mobilenet_v2)"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
@@ -231,7 +234,9 @@ def train_crowns_cmd(
                             savanna_crown_jitter=savanna_crown_jitter, savanna_max_crowns=savanna_max_crowns,
                             synthetic_scenes=synthetic_scenes,
                             synthetic_fraction=synthetic_fraction if synthetic_scenes > 0 else 0.0,
-                            synthetic_style=synthetic_style)
+                            synthetic_style=synthetic_style, encoder_init=encoder_init)
+    if encoder_init:
+        cfg.net = {**cfg.net, "encoder": "mobilenet_v2"}
     result = run_training(cfg, export or f"{out}/crowns.onnx", model_version=model_version,
                           resume=not no_resume, tta=tta, log=typer.echo)
     typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")
