@@ -6,6 +6,9 @@ round-robin (one run of each in turn) so that load from other processes on a sha
 of them alike. Writes JSON: per model median/p90/mean ms, file size, parameter count, input shape.
 
     python -m bench.bench_models models/zoo/crowns-dense.onnx models/zoo/crowns.onnx --out bench.json
+
+``--threads 1,2`` times every model at each thread count in ONE round-robin (the same process and the same
+minutes for all), and reports each model's speed-up over the first model at each thread count.
 """
 
 from __future__ import annotations
@@ -98,15 +101,35 @@ def bench(paths: list[str], threads: int = 2, warmup: int = 10, runs: int = 50, 
     }
 
 
+def bench_thread_counts(paths: list[str], thread_counts: list[int], warmup: int = 10, runs: int = 50,
+                        seed: int = 0) -> dict:
+    """Every model at every thread count, timed in one round-robin; speed-up = first model's median over
+    each model's median at the same thread count."""
+    sessions = {f"{p}@{t}": _session(p, t) for t in thread_counts for p in paths}
+    times, _ = round_robin_ms(sessions, 1, warmup, runs, seed)
+    out: dict[str, dict] = {}
+    for t in thread_counts:
+        med = {p: float(np.median(times[f"{p}@{t}"])) for p in paths}
+        out[str(t)] = {p: {"median_ms": med[p], "p90_ms": float(np.percentile(times[f"{p}@{t}"], 90)),
+                           "speedup_vs_first": med[paths[0]] / med[p]} for p in paths}
+    return {"thread_counts": thread_counts, "warmup": warmup, "runs": runs,
+            "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0], "by_threads": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="intra-op threads, or a list (1,2) timed side by side")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--out", default=None, help="JSON output path (default: print)")
     a = ap.parse_args(argv)
-    res = bench(a.models, a.threads, a.warmup, a.runs)
+    counts = [int(t) for t in str(a.threads).split(",")]
+    if len(counts) == 1:
+        res = bench(a.models, counts[0], a.warmup, a.runs)
+    else:
+        res = bench_thread_counts(a.models, counts, a.warmup, a.runs)
     text = json.dumps(res, indent=2)
     if a.out:
         from pipeline.atomic import atomic_path

@@ -61,6 +61,7 @@ class TrainCrownsConfig:
     plot_csvs: list[str] = field(default_factory=list)
     plot_image_root: str = ""  # image paths of plot_csvs relative to this folder ("" = each CSV's folder)
     plot_split: str = ""
+    train_plot_fraction: float = 1.0  # learning curves: keep this share of each site's training plots
     out_dir: str = "checkpoints/crowns"
     iterations: int = 1500
     batch_size: int = 8
@@ -127,23 +128,44 @@ def load_plot_scenes(cfg: TrainCrownsConfig) -> list[Scene]:
     if not cfg.plot_split:
         raise InputError("--plots-csv needs --plot-split (the committed models/data/neon_plots_split.json)")
     split = read_plot_split(cfg.plot_split)
+    boxsets = [(path, bs) for path in cfg.plot_csvs for bs in read_boxes(path, cfg.plot_image_root or None)]
+    dropped = _plots_left_out([bs for _, bs in boxsets], split, cfg.train_plot_fraction, cfg.seed)
     scenes = []
-    for path in cfg.plot_csvs:
-        for bs in read_boxes(path, cfg.plot_image_root or None):
-            plot = bs.plot or Path(bs.image_path).stem
-            if plot in split["excluded"]:
-                continue
-            if not Path(bs.image_path).exists():
-                raise InputError(f"{path}: image {bs.image_path} not found; check --plot-image-root")
-            h, w, gsd = _image_shape_gsd(bs.image_path, cfg.image_gsd_m)
-            scale = gsd / cfg.gsd_m
-            h, w = scaled_shape(h, w, scale)
-            is_val = plot in split["validation"]
-            block = BlockSplit(h, w, max(h, w), frozenset({(0, 0)})) if is_val else None
-            scene = load_box_scene(bs, block, cfg.interior_ratio, weight=0.0 if is_val else 1.0, scale=scale)
-            scene.site, scene.plot = bs.site, plot
-            scenes.append(scene)
+    for path, bs in boxsets:
+        plot = bs.plot or Path(bs.image_path).stem
+        if plot in split["excluded"] or plot in dropped:
+            continue
+        if not Path(bs.image_path).exists():
+            raise InputError(f"{path}: image {bs.image_path} not found; check --plot-image-root")
+        h, w, gsd = _image_shape_gsd(bs.image_path, cfg.image_gsd_m)
+        scale = gsd / cfg.gsd_m
+        h, w = scaled_shape(h, w, scale)
+        is_val = plot in split["validation"]
+        block = BlockSplit(h, w, max(h, w), frozenset({(0, 0)})) if is_val else None
+        scene = load_box_scene(bs, block, cfg.interior_ratio, weight=0.0 if is_val else 1.0, scale=scale)
+        scene.site, scene.plot = bs.site, plot
+        scenes.append(scene)
     return scenes
+
+
+def _plots_left_out(boxsets: list, split: dict, fraction: float, seed: int) -> set[str]:
+    """Training plots left out for a learning curve: each site keeps ``max(1, round(fraction * n))`` of its
+    training plots (seeded); validation and excluded plots are never touched."""
+    if fraction >= 1.0:
+        return set()
+    by_site: dict[str, set[str]] = {}
+    for bs in boxsets:
+        plot = bs.plot or Path(bs.image_path).stem
+        if plot not in split["validation"] and plot not in split["excluded"]:
+            by_site.setdefault(bs.site, set()).add(plot)
+    rng = np.random.default_rng([seed, 4242])
+    dropped = set()
+    for site in sorted(by_site):
+        plots = sorted(by_site[site])
+        keep = max(1, int(round(fraction * len(plots))))
+        kept = set(rng.choice(len(plots), size=keep, replace=False).tolist())
+        dropped |= {p for i, p in enumerate(plots) if i not in kept}
+    return dropped
 
 
 def load_scenes(cfg: TrainCrownsConfig) -> list[Scene]:

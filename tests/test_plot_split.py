@@ -97,3 +97,20 @@ def test_plot_dataset_trains_end_to_end_with_whole_plots_held_out(plot_csv, tmp_
     n_val_images = sum(s.plot in doc["validation"] for s in scenes)
     assert metrics["real_n_truth"] == 2 * n_val_images
     assert (tmp_path / "crowns.onnx").stat().st_size > 0
+
+
+def test_learning_curve_keeps_a_share_of_each_sites_training_plots_only():
+    from pathlib import Path
+
+    from models.datasets.boxes import BoxSet
+    from models.train_crowns import _plots_left_out
+
+    sets = [BoxSet(Path(f"{p}.tif"), None, site, p)
+            for site, n in (("A", 8), ("B", 3)) for p in (f"{site}_{i}" for i in range(n))]
+    split = {"validation": {"A_0", "B_0"}, "train": set(), "excluded": {"A_7"}}
+    dropped = _plots_left_out(sets, split, 0.5, seed=0)
+    assert not dropped & (split["validation"] | split["excluded"])
+    assert sum(p.startswith("A") for p in dropped) == 3  # 6 training plots of A, keep 3
+    assert sum(p.startswith("B") for p in dropped) == 1  # 2 training plots of B, keep 1
+    assert _plots_left_out(sets, split, 0.5, seed=0) == dropped
+    assert _plots_left_out(sets, split, 1.0, seed=0) == set()
