@@ -21,6 +21,7 @@ from models.datasets.splits import BlockSplit
 from pipeline.errors import InputError
 
 IGNORE = 255
+IGNORE_LABEL = "ignore"  # box label whose ellipse is left out of the loss (unsure pseudo-labels)
 
 
 @dataclass
@@ -132,7 +133,15 @@ def load_box_scene(
     boxes = boxset.boxes.copy()
     boxes[["xmin", "ymin", "xmax", "ymax"]] *= scale
     h, w = rgb.shape[1:]
+    unsure = boxes["label"].astype(str).str.lower().eq(IGNORE_LABEL) if "label" in boxes else None
+    if unsure is not None and unsure.any():  # pseudo-labels the model was unsure of: out of the loss
+        ignore_boxes, boxes = boxes[unsure].reset_index(drop=True), boxes[~unsure].reset_index(drop=True)
+    else:
+        ignore_boxes = boxes.iloc[:0]
     target = boxes_to_crown_mask(boxes, h, w, interior_ratio)
+    for r0, c0, m in ellipse_masks(ignore_boxes, h, w):
+        t = target[r0 : r0 + m.shape[0], c0 : c0 + m.shape[1]]
+        t[m & (t == 0)] = IGNORE
     return _finish(
         Path(boxset.image_path).stem, rgb, valid, target, ellipse_masks(boxes, h, w), boxes, split, weight
     )
