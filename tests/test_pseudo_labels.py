@@ -43,7 +43,8 @@ def test_ignore_boxes_leave_their_pixels_out_of_the_loss(tmp_path):
     from models.datasets.chips import IGNORE, load_box_scene
 
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "a.png")
-    boxes = pd.DataFrame({"xmin": [2.0, 30.0], "ymin": [2.0, 10.0], "xmax": [22.0, 50.0], "ymax": [22.0, 30.0],
+    boxes = pd.DataFrame({"xmin": [2.0, 30.0], "ymin": [2.0, 10.0], "xmax": [22.0, 50.0],
+                          "ymax": [22.0, 30.0],
                           "label": ["Tree", "ignore"]})
     s = load_box_scene(BoxSet(tmp_path / "a.png", boxes))
     assert s.target[12, 12] == 1 and s.target[20, 40] == IGNORE  # crown interior; the unsure crown's centre
