@@ -114,3 +114,14 @@ def test_learning_curve_keeps_a_share_of_each_sites_training_plots_only():
     assert sum(p.startswith("B") for p in dropped) == 1  # 2 training plots of B, keep 1
     assert _plots_left_out(sets, split, 0.5, seed=0) == dropped
     assert _plots_left_out(sets, split, 1.0, seed=0) == set()
+
+
+def test_ablation_row_reads_pooled_and_per_site_scores():
+    from models.crown_ablations import ablation_table
+
+    thr = {"0.4": {"f1": 0.5, "precision": 0.6, "recall": 0.4286}, "0.5": {"f1": 0.25}}
+    res = {"pooled": {"thresholds": thr, "n_truth": 21},
+           "sites": {"TEAK": {"thresholds": {"0.4": {"f1": 0.75}}}}}
+    table = ablation_table([("base", res)]).splitlines()
+    assert table[0].startswith("| run | pooled F1@0.4 |") and len(table) == 3
+    assert table[2] == "| base | 0.500 | 0.600 / 0.429 | 0.250 | – | – | – | 0.750 | 21 |"
