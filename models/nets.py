@@ -74,11 +74,29 @@ def build_segmentation_net(config: SegNetConfig) -> nn.Module:
 
 
 def _drop_unused_stages(net: nn.Module, config: SegNetConfig) -> None:
-    """smp keeps a ResNet's unused deep stages (never run when encoder_depth < 5): drop their weights."""
-    if config.encoder.startswith("resnet") and config.encoder_depth < 5:
+    """smp keeps an encoder's unused deep stages when encoder_depth < 5: drop them.
+
+    A ResNet never runs them (their weights only cost memory). smp's MobileNetV2 RUNS them (its forward
+    goes on to the last block and slices the outputs afterwards): the blocks past the deepest output used
+    cost MACs and are a dead end that channel pruning cannot follow, so they are cut off; the outputs used
+    are unchanged."""
+    if config.encoder_depth >= 5:
+        return
+    if config.encoder.startswith("resnet"):
         for depth, name in ((4, "layer4"), (3, "layer3"), (2, "layer2")):
             if config.encoder_depth < depth + 1 and hasattr(net.encoder, name):
                 setattr(net.encoder, name, nn.Identity())
+    elif config.encoder == "mobilenet_v2":
+        last = int(net.encoder._out_indexes[config.encoder_depth - 1])
+        net.encoder.features = net.encoder.features[: last + 1]
+
+
+def load_net_state(net: nn.Module, state_dict: dict) -> nn.Module:
+    """Load ``state_dict`` strictly, except encoder weights of stages :func:`_drop_unused_stages` cut off
+    (checkpoints written before the cut hold them)."""
+    own = net.state_dict()
+    net.load_state_dict({k: v for k, v in state_dict.items() if k in own or not k.startswith("encoder.")})
+    return net
 
 
 def build_crown_net(config: SegNetConfig | None = None) -> nn.Module:

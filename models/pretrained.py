@@ -472,7 +472,7 @@ def load_pretrained_encoder(
     if source != "nsfwjs":
         raise InputError(f"unknown encoder init {source!r}: use 'nsfwjs' or ''")
     encoder = getattr(net, "encoder", None)
-    if encoder is None or not hasattr(encoder, "features") or len(encoder.features) != 19:
+    if encoder is None or not hasattr(encoder, "features") or not hasattr(encoder, "_out_indexes"):
         raise InputError("the nsfwjs encoder start needs an smp network with encoder 'mobilenet_v2'")
     if weights is None:
         model_dir = fetch_nsfwjs(cache_dir)

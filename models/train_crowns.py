@@ -38,7 +38,7 @@ from models.datasets.polygons import read_polygons
 from models.datasets.savanna import CrownCutout, crown_bank, savanna_chip
 from models.datasets.splits import BlockSplit, block_split
 from models.export import export_onnx, normalise_uint8
-from models.nets import CROWN_CLASS_NAMES, SegNetConfig, build_crown_net, count_parameters
+from models.nets import CROWN_CLASS_NAMES, SegNetConfig, build_crown_net, count_parameters, load_net_state
 from pipeline.errors import InputError
 from pipeline.tta import VIEWS as TTA_VIEWS
 
@@ -296,7 +296,7 @@ def train_crowns(
             raise InputError(
                 f"{ckpt_path}: checkpoint network differs from this run; use another --out or delete it"
             )
-        net.load_state_dict(ck["model"])
+        load_net_state(net, ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
@@ -362,7 +362,7 @@ def load_crown_net(checkpoint: str | Path) -> tuple[nn.Module, TrainCrownsConfig
     ck = load_checkpoint(checkpoint)
     cfg = TrainCrownsConfig.from_dict(ck["config"])
     net = build_crown_net(SegNetConfig.from_dict(ck["net"]))
-    net.load_state_dict(ck["model"])
+    load_net_state(net, ck["model"])
     return net.eval(), cfg
 
 

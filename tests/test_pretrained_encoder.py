@@ -173,13 +173,14 @@ def test_depthwise_block_matches_a_keras_style_reference() -> None:
 def test_load_pretrained_encoder_reports_keys_and_respects_depth() -> None:
     small = {"encoder_depth": 4, "decoder_channels": (64, 32, 16, 16)}
     net = build_crown_net(SegNetConfig(encoder="mobilenet_v2", **small))
-    before = net.encoder.features[15].conv[0][0].weight.detach().clone()
+    assert len(net.encoder.features) == 14  # blocks past the depth-4 output (index 13) are cut off
+    before = net.encoder.features[13].conv[0][0].weight.detach().clone()
     rep = load_pretrained_encoder(net, weights=keras_mobilenetv2())
     assert "features.0.0.weight" in rep["loaded"] and "features.11.conv.3.running_var" in rep["loaded"]
     assert not any(k.startswith("features.12.") for k in rep["loaded"])  # block_11: not ImageNet
     assert rep["loaded"][-1].startswith("features.11.") and len(rep["loaded"]) == 5 + 10 + 10 * 15
     assert not any(k.endswith("num_batches_tracked") for k in rep["not_loaded"])
-    assert torch.equal(net.encoder.features[15].conv[0][0].weight.detach(), before)
+    assert torch.equal(net.encoder.features[13].conv[0][0].weight.detach(), before)
     assert any(k.startswith("features.12.") for k in rep["not_loaded"])
     net_r18 = build_crown_net(SegNetConfig(encoder="resnet18", **small))
     with pytest.raises(Exception, match="mobilenet_v2"):

@@ -143,3 +143,24 @@ def test_postprocess_calibration_picks_the_thresholds_the_validation_needs():
     assert set(post) == set(PARAM_GRID)
     assert post["min_area_m2"] == 1.0
     assert metrics["real_f1_iou0.4"] == 1.0 and metrics["real_n_truth"] == 3
+
+
+def test_mobilenet_v2_unet_drops_the_blocks_past_its_deepest_output():
+    """smp's MobileNetV2 runs every block whatever encoder_depth; the cut net gives the same output, and a
+    checkpoint of the uncut net (extra encoder keys) still loads."""
+    import segmentation_models_pytorch as smp
+
+    from models.nets import SegNetConfig, build_crown_net, load_net_state
+
+    cfg = SegNetConfig(encoder="mobilenet_v2", encoder_depth=4, decoder_channels=(32, 16, 8, 8))
+    torch.manual_seed(0)
+    full = smp.Unet("mobilenet_v2", encoder_weights=None, encoder_depth=4, decoder_channels=(32, 16, 8, 8),
+                    classes=3).eval()
+    cut = load_net_state(build_crown_net(cfg), full.state_dict()).eval()
+    assert len(cut.encoder.features) == 14 and len(full.encoder.features) == 19
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(cut(x), full(x))
+    with pytest.raises(RuntimeError):  # a missing key is still an error
+        partial = {k: v for k, v in full.state_dict().items() if "decoder" not in k}
+        load_net_state(build_crown_net(cfg), partial)
