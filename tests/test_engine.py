@@ -301,3 +301,34 @@ def test_plots_get_their_own_totals(tmp_path, scene, models):
     inside = ((crowns["x"] < 500020) & (crowns["y"] > 3999980)).sum()
     assert table.loc[table["name"] == "north-west", "n_trees"].item() == inside > 0
     assert table.loc[table["name"] == "elsewhere", "n_trees"].item() == 0
+
+
+def test_totals_reconcile_across_outputs_to_the_kilogram(tmp_path, scene, models):
+    # issue 17, item 6: one convention everywhere (totals and tables are sums of the per-tree point
+    # estimates; the Monte Carlo only gives SDs and intervals), so every output file adds up to the kilogram
+    import pandas as pd
+
+    out = tmp_path / "out"
+    summary = inventory.run_inventory(config(scene[0], out, models))
+    on_disk = json.loads((out / "summary.json").read_text())
+    csv = pd.read_csv(out / "crowns.csv")
+    gpkg = pyogrio.read_dataframe(out / "inventory.gpkg", layer="crowns")
+    grid = pyogrio.read_dataframe(out / "inventory.gpkg", layer="grid")
+    species = pyogrio.read_dataframe(out / "inventory.gpkg", layer="species")
+    layer = pyogrio.read_dataframe(out / "inventory.gpkg", layer="summary").set_index("key")["value"]
+    doc = json.loads((out / "crowns.geojson").read_text())
+    geo = pd.DataFrame([f["properties"] for f in doc["features"]])
+    for key, col in (("agb_t", "agb_kg"), ("carbon_t", "carbon_kg"), ("co2e_t", "co2e_kg")):
+        total_kg = on_disk[key] * 1000.0
+        assert total_kg > 0
+        assert summary[key] == on_disk[key] == pytest.approx(float(layer[key]), abs=1e-6)
+        for frame in (csv, gpkg, geo):
+            assert frame[col].sum() == pytest.approx(total_kg, abs=1.0), (key, col)
+        assert grid[key].sum() * 1000.0 == pytest.approx(total_kg, abs=1.0), key
+        assert species[key].sum() * 1000.0 == pytest.approx(total_kg, abs=1.0), key
+    # per tree: carbon = CF (AGB + BGB), CO2e = carbon 44/12
+    np.testing.assert_allclose(gpkg["carbon_kg"], gpkg["carbon_fraction"] * (gpkg["agb_kg"] + gpkg["bgb_kg"]),
+                               rtol=1e-9)
+    np.testing.assert_allclose(gpkg["co2e_kg"], gpkg["carbon_kg"] * 44 / 12, rtol=1e-9)
+    lo, hi = on_disk["co2e_t_ci90"]
+    assert lo < on_disk["co2e_t"] < hi
