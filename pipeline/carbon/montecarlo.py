@@ -3,7 +3,7 @@
 Model (log scale, per tree t and draw d; s = s(t, d) the species of the tree in that draw):
 
     ln AGB[t, d] = ln AGB_point[t, s] + sum_j L[t, j] sigma_j w[j, d] + b_rho sigma_rho[tax(s)] u[tax(s), d]
-                   + sqrt(v[t, s]) z[t, d] - (b_rho² sigma_rho[tax(s)]² + c[t, s]) / 2
+                   + sqrt(v[t, s]) z[t, d] - (b_rho sigma_rho[tax(s)]² + c[t, s]) / 2
 
 - ``w[j, d] ~ N(0, 1)`` are the errors SHARED by all trees in an iteration: allometric parameters, the
   run's systematic height bias and crown-diameter bias, the H-D model's E (allometric heights). ``L`` are
@@ -13,8 +13,11 @@ Model (log scale, per tree t and draw d; s = s(t, d) the species of the tree in 
 - ``z[t, d] ~ N(0, 1)`` carries every independent per-tree error (crown-diameter and height measurement,
   the allometric residuals, tree-to-tree wood density), combined into one normal with variance ``v``.
 - The ``-(...)/2`` term centres the terms whose point value is a MEAN: the allometric residuals (the
-  published intercepts already contain the log-bias correction, which must not be applied a second time;
-  ``c`` <= ``v`` is their part of the per-tree variance) and the wood density (table means). Measurement
+  published intercepts already contain the log-bias correction, which must not be applied a second time)
+  and the wood density (table means). A mean-centred error of a quantity entering ln AGB with loading k
+  (e.g. Jucker's DBH, k = 2 * 0.976) is drawn as k (e - sigma²/2): ``c`` = sum k sigma², not k² sigma²,
+  so the draws keep the convexity of the chain (the mean of AGB over the DBH residual is about 5 % above
+  the plug-in point estimate; the point errs low). Measurement
   errors, the shared biases and parameter errors are not centred: the measured or assumed value is the
   median of the truth, so the draws' median sits on the point estimate. The draws are NOT rescaled
   afterwards.
@@ -149,13 +152,14 @@ def _chunk(inp: McInputs, w_scaled: np.ndarray, u_scaled: np.ndarray | None, gro
     cv = nv if inp.centre_var is None else inp.centre_var[sl]
     taxa = (inp.taxon is not None or inp.taxon_k is not None) and u_scaled is not None
     tax_var = (inp.wd_loading * inp.taxon_ln_sd) ** 2 if taxa else None
+    tax_c = inp.wd_loading * inp.taxon_ln_sd**2 if taxa else None  # centring of the taxon term
     # shared term plus the per-tree log offset in one product: [L | offset] @ [w ; 1]
     if species:
         offset = np.zeros(n)
     else:
         offset = inp.ln_point[sl] - cv / 2.0
         if taxa:
-            offset = offset - tax_var[inp.taxon[sl]] / 2.0
+            offset = offset - tax_c[inp.taxon[sl]] / 2.0
     ln = np.concatenate([load, offset[:, None]], axis=1).astype(np.float32) @ w_scaled
     z = rng.standard_normal((n, n_draws), dtype=np.float32)
     pg_draw = None
@@ -173,7 +177,7 @@ def _chunk(inp: McInputs, w_scaled: np.ndarray, u_scaled: np.ndarray | None, gro
         if taxa:
             tax = inp.taxon_k[cls]
             ln += u_scaled[tax, np.arange(n_draws)[None, :]]
-            ln -= (tax_var[tax] / 2.0).astype(np.float32)
+            ln -= (tax_c[tax] / 2.0).astype(np.float32)
         if n_pg > 1:
             pg_draw = inp.plant_group_k[cls]
         del cls, lp, nv_d, cv_d, u
@@ -188,7 +192,7 @@ def _chunk(inp: McInputs, w_scaled: np.ndarray, u_scaled: np.ndarray | None, gro
         # each tree's draws are lognormal with log-variance var_s + v (+ taxon term): exact statistics
         t2 = tax_var[inp.taxon[sl]] if taxa else 0.0
         s2 = var_s + nv + t2
-        mu = inp.ln_point[sl] - (cv + t2) / 2.0
+        mu = inp.ln_point[sl] - (cv + (tax_c[inp.taxon[sl]] if taxa else 0.0)) / 2.0
         mean = np.exp(mu + s2 / 2.0)
         sd = mean * np.sqrt(np.expm1(s2))
         p5, p95 = np.exp(mu - Z95 * np.sqrt(s2)), np.exp(mu + Z95 * np.sqrt(s2))
