@@ -9,7 +9,11 @@ import pytest
 
 from pipeline.carbon import CarbonConfig, estimate_carbon
 from pipeline.carbon.coverage import SCENARIOS, coverage
-from pipeline.carbon.detection import apply_detection, calibrate_detection_error, validate_detection_calibration
+from pipeline.carbon.detection import (
+    apply_detection,
+    calibrate_detection_error,
+    validate_detection_calibration,
+)
 from pipeline.carbon.estimate import MC_COMPONENTS
 from pipeline.errors import InputError
 
@@ -64,7 +68,8 @@ def test_calibrate_detection_error_known_answer():
         calibrate_detection_error([1.0], [1.0])
     with pytest.raises(InputError):
         calibrate_detection_error([1.0, 2.0], [0.0, 0.0])
-    assert validate_detection_calibration('{"ratio_mean": 1.2, "ln_sd": 0.1, "n_plots": 5}')["ratio_mean"] == 1.2
+    ok = validate_detection_calibration('{"ratio_mean": 1.2, "ln_sd": 0.1, "n_plots": 5}')
+    assert ok["ratio_mean"] == 1.2
     for bad in ('{"ratio_mean": 0, "ln_sd": 0.1, "n_plots": 5}', "not json", '{"ln_sd": 0.1}'):
         with pytest.raises(InputError):
             validate_detection_calibration(bad)
