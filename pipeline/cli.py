@@ -75,6 +75,24 @@ def parse_bands(text: str) -> tuple[int, ...]:
     return bands
 
 
+def height_diameter_options(hd_e: float | None, hd_local: str | None) -> dict[str, Any]:
+    """CarbonConfig fields from ``--hd-e`` and ``--hd-local a,b,c,rse``."""
+    options: dict[str, Any] = {}
+    if hd_e is not None:
+        options["hd_environmental_stress_e"] = float(hd_e)
+    if hd_local:
+        try:
+            values = [float(v) for v in hd_local.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise InputError(f"--hd-local {hd_local!r} needs four numbers a,b,c,rse "
+                             "(ln H = a + b ln D + c (ln D)^2), e.g. --hd-local 0.9,0.7,0,0.2")
+        options["hd_model"] = "local"
+        options["hd_local"] = dict(zip(("a", "b", "c", "rse"), values, strict=True))
+    return options
+
+
 # --- commands: inventory (run) ---
 
 
@@ -99,6 +117,10 @@ def run_cmd(
     batch_size: int = typer.Option(1, "--batch-size", help="Tiles per ONNX call (more: more memory)."),
     tta: bool = typer.Option(False, "--tta", help="Average the crown model over 4 flipped/rotated views "
                              "of each tile (4x segmentation time)."),
+    hd_e: float = typer.Option(None, "--hd-e", help="Chave 2014 E of the site (heights without CHM/DSM); "
+                               "unset: E 0 with SD 0.5 in the interval."),
+    hd_local: str = typer.Option(None, "--hd-local", help="Local height-diameter fit a,b,c,rse: "
+                                 "ln H = a + b ln D + c (ln D)^2 (H m, D cm), residual SD rse."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
@@ -112,7 +134,7 @@ def run_cmd(
                              species_model=species_model, use_species_model=not no_species,
                              bands=parse_bands(bands) if bands else None, crs=crs, threads=threads,
                              seed=seed, plots=plots,
-                             batch_size=batch_size, tta=tta)
+                             batch_size=batch_size, tta=tta, carbon=height_diameter_options(hd_e, hd_local))
     console = Console(stderr=True)
     labels = {"tiles": "segmenting tiles", "attributes": "species and height",
               "carbon": "carbon (Monte Carlo)", "outputs": "writing outputs"}
@@ -140,6 +162,8 @@ def run_cmd(
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+    for warning in summary.get("warnings") or []:  # loud: allometric heights, detection error not included
+        console.print(f"[bold red]warning:[/] {warning}")
 
 
 # --- commands: synth ---

@@ -246,6 +246,7 @@ def validate(config: InventoryConfig) -> RunPlan:
             open_height_raster(path, what).close()
     if cfg.plots is not None:
         _read_plots(cfg.plots)
+    _detection_calibration(crown_path, crown.meta)  # a malformed calibration fails here, not after inference
     # with test-time augmentation the probabilities are averages: the model's TTA thresholds when it has them
     pp = dict(postprocess_kwargs(crown.meta.postprocess_tta if cfg.tta and crown.meta.postprocess_tta
                                  else crown.meta.postprocess))
@@ -290,6 +291,19 @@ def validate(config: InventoryConfig) -> RunPlan:
     return RunPlan(config=cfg, work_dir=work, crown_model_path=crown_path, species_model_path=species_path,
                    models=models, crown_meta=crown.meta, species_meta=species.meta if species else None,
                    postprocess=pp, tiles=tiles, groups=groups, fingerprint=fingerprint, **grid)
+
+
+def _detection_calibration(path: Path, meta: ModelMeta) -> dict[str, Any] | None:
+    """The crown model's ``detection_calibration`` metadata (JSON, ARCHITECTURE.md), checked; None without."""
+    from pipeline.carbon.detection import validate_detection_calibration
+
+    text = (meta.raw or {}).get("detection_calibration")
+    if not text:
+        return None
+    try:
+        return {**validate_detection_calibration(text), "source": f"crown model {path.name}"}
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
 def _heights_for_tile(plan: RunPlan, ortho: Ortho, tile: Tile, handles: dict) -> np.ndarray | None:
@@ -491,7 +505,8 @@ def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
     extra = dict(plan.config.carbon)
     fields = getattr(CarbonConfig, "__dataclass_fields__", {})
     defaults = {"seed": plan.config.seed, "threads": plan.config.threads,
-                "area_ha": group_stats(plan)["valid_area_m2"] / 10_000.0 or None}
+                "area_ha": group_stats(plan)["valid_area_m2"] / 10_000.0 or None,
+                "detection_calibration": _detection_calibration(plan.crown_model_path, plan.crown_meta)}
     if trees.attrs.get("species_classes"):
         defaults["species_probs"] = trees.attrs.get("species_probs")
         defaults["species_classes"] = trees.attrs.get("species_classes")
@@ -571,6 +586,11 @@ def build_summary(plan: RunPlan, result: Any, n_trees: int) -> dict[str, Any]:
     }
     if standards is not None:
         summary["standards"] = _jsonable(standards)
+    uncertainty = getattr(result, "uncertainty", None) or {}
+    summary["warnings"] = list(getattr(result, "warnings", None) or [])
+    summary["detection_error"] = _jsonable(uncertainty.get("detection", {"included": False}))
+    if uncertainty.get("total_with_detection"):
+        summary["total_with_detection"] = _jsonable(uncertainty["total_with_detection"])
     if callable(getattr(result, "summary", None)):
         carbon = _jsonable(result.summary())
         carbon.pop("total", None)

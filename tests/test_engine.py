@@ -332,3 +332,45 @@ def test_totals_reconcile_across_outputs_to_the_kilogram(tmp_path, scene, models
     np.testing.assert_allclose(gpkg["co2e_kg"], gpkg["carbon_kg"] * 44 / 12, rtol=1e-9)
     lo, hi = on_disk["co2e_t_ci90"]
     assert lo < on_disk["co2e_t"] < hi
+
+
+def test_detection_calibration_from_the_crown_model_and_warnings(tmp_path, scene, models):
+    # issue 17, item 5: the crown model's `detection_calibration` metadata (ARCHITECTURE.md) enters the
+    # total's interval and the deductions; without it the summary says loudly that it is not included
+    cal = {"schema": 1, "quantity": "agb", "ratio_mean": 1.5, "ln_sd": 0.2, "n_plots": 6}
+    crown = write_crown_model(tmp_path / "crowns_cal.onnx", tile_size=128, overlap_px=56,
+                              brightness_threshold=0.36, metadata={"detection_calibration": json.dumps(cal)})
+    with_cal = inventory.run_inventory(config(scene[0], tmp_path / "a", (crown, models[1])))
+    plain = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert plain["detection_error"]["included"] and plain["detection_error"]["ratio_mean"] == 1.5
+    adj = with_cal["total_with_detection"]
+    assert adj["co2e_t"] == pytest.approx(1.5 * with_cal["co2e_t"])
+    assert adj["co2e_t_ci90_low"] < adj["co2e_t"] < adj["co2e_t_ci90_high"]
+    assert "detection factor 1.5" in (tmp_path / "a" / "report.html").read_text()
+    without = inventory.run_inventory(config(scene[0], tmp_path / "b", models))
+    assert not without["detection_error"]["included"]
+    assert any("DETECTION ERROR NOT INCLUDED" in w for w in without["warnings"])
+    assert any("HEIGHTS ARE ALLOMETRIC" in w for w in without["warnings"])  # no CHM in this scene
+    bad = write_crown_model(tmp_path / "crowns_bad.onnx", tile_size=128, overlap_px=56,
+                            metadata={"detection_calibration": '{"ratio_mean": -1}'})
+    with pytest.raises(InputError, match="crowns_bad.onnx"):
+        inventory.validate(config(scene[0], tmp_path / "c", (bad, models[1])))
+
+
+def test_cli_sets_the_site_height_diameter_relation(tmp_path, scene, models):
+    from pipeline.cli import app, height_diameter_options
+
+    assert height_diameter_options(0.3, None) == {"hd_environmental_stress_e": 0.3}
+    assert height_diameter_options(None, "0.9,0.7,0,0.2")["hd_local"] == {"a": 0.9, "b": 0.7, "c": 0.0,
+                                                                          "rse": 0.2}
+    runner = CliRunner()
+    args = ["run", str(scene[0]), "--crown-model", str(models[0]), "--species-model", str(models[1]),
+            "--threads", "1"]
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "x"), "--hd-local", "1,2"])
+    assert res.exit_code == 2 and "--hd-local" in res.output
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "e"), "--hd-e", "0.4"])
+    assert res.exit_code == 0, res.output
+    assert "HEIGHTS ARE ALLOMETRIC" in res.output  # loud on the CLI
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["carbon"]["carbon_config"]["hd_environmental_stress_e"] == 0.4
+    assert "E = 0.4" in summary["carbon"]["factors"]["height_diameter_source"]
