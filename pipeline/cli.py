@@ -103,7 +103,8 @@ def run_cmd(
     out: str = typer.Option(..., "--out", help="Output folder (created; rerunning resumes unfinished work)."),
     chm: str = typer.Option(None, "--chm", help="Canopy height model (any CRS/resolution), m."),
     dtm: str = typer.Option(None, "--dtm", help="Digital terrain model, with --dsm: height = DSM - DTM."),
-    dsm: str = typer.Option(None, "--dsm", help="Digital surface model (needs --dtm)."),
+    dsm: str = typer.Option(None, "--dsm", help="Digital surface model; alone, the ground comes from its "
+                            "gaps between crowns (interpolated)."),
     crown_model: str = typer.Option(None, "--crown-model", help="Crown ONNX model [models/zoo/crowns.onnx]."),
     species_model: str = typer.Option(None, "--species-model",
                                       help="Species ONNX model [models/zoo/species.onnx when present]."),
@@ -172,7 +173,8 @@ def run_cmd(
 @app.command("synth")
 @handle_errors
 def synth_cmd(
-    out: str = typer.Option(..., "--out", help="Output folder (ortho.tif, chm.tif, truth.gpkg, scene.json)."),
+    out: str = typer.Option(..., "--out", help="Output folder (ortho.tif, chm.tif, dsm.tif, truth.gpkg, "
+                            "scene.json)."),
     size_m: float = typer.Option(500.0, "--size-m", help="Scene edge in metres (square scene)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scene."),
     gsd_m: float = typer.Option(0.1, "--gsd-m", help="Ground sample distance in metres per pixel."),

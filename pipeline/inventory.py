@@ -239,8 +239,8 @@ def validate(config: InventoryConfig) -> RunPlan:
     species = _shared_model(species_path, cfg.threads, SPECIES_TASK) if species_path else None
     for path, flag in ((cfg.chm, "--chm"), (cfg.dsm, "--dsm"), (cfg.dtm, "--dtm"), (cfg.plots, "--plots")):
         _check_exists(path, flag)
-    if (cfg.dsm is None) != (cfg.dtm is None) and cfg.chm is None:
-        raise InputError("heights from a DSM need a DTM as well: pass both --dsm and --dtm (or --chm)")
+    if cfg.dtm is not None and cfg.dsm is None and cfg.chm is None:
+        raise InputError("a DTM alone gives no heights: pass --dsm with it (or --chm)")
     for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
         if path is not None:
             open_height_raster(path, what).close()
@@ -307,7 +307,8 @@ def _detection_calibration(path: Path, meta: ModelMeta) -> dict[str, Any] | None
 
 
 def _heights_for_tile(plan: RunPlan, ortho: Ortho, tile: Tile, handles: dict) -> np.ndarray | None:
-    """CHM (or DSM - DTM) warped onto the tile's grid, for CHM-maxima seeds; None without one."""
+    """CHM (or DSM - DTM) warped onto the tile's grid, for CHM-maxima seeds; None without one (a DSM alone
+    gives heights per crown, from its derived ground, but no seeds)."""
     from pipeline.height import open_height_raster, read_on_grid
 
     cfg = plan.config

@@ -374,3 +374,24 @@ def test_cli_sets_the_site_height_diameter_relation(tmp_path, scene, models):
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["carbon"]["carbon_config"]["hd_environmental_stress_e"] == 0.4
     assert "E = 0.4" in summary["carbon"]["factors"]["height_diameter_source"]
+
+
+def test_dsm_alone_heights_in_engine(tmp_path, scene, write_geotiff, models):
+    # issue 17: --dsm without --dtm: the ground comes from the DSM's gaps (5 % slope here)
+    ortho, discs = scene
+    yy, xx = np.mgrid[:400, :400]
+    dsm = (200.0 + 0.05 * xx * GSD).astype(np.float32)
+    for k, (r, c, rad, _) in enumerate(discs):
+        dsm[(yy - r) ** 2 + (xx - c) ** 2 <= (rad + 3) ** 2] += 10.0 + k * 0.5
+    path = write_geotiff(tmp_path / "dsm.tif", dsm[None], T, UTM)
+    plan = inventory.validate(config(ortho, tmp_path / "out", models, dsm=path))
+    crowns = inventory.collect_crowns(plan, run_groups(plan))
+    trees = inventory.add_attributes(plan, crowns).table
+    plan.close()
+    assert (trees["height_source"] == "dsm-ground").all()
+    for k, (r, c, _, _) in enumerate(discs):
+        x, y = T @ (c + 0.5, r + 0.5)
+        row = trees.iloc[int(np.argmin(np.hypot(trees["x"] - x, trees["y"] - y)))]
+        assert row["height_m"] == pytest.approx(10.0 + k * 0.5, abs=0.4)
+    with pytest.raises(InputError, match="--dsm"):
+        inventory.validate(config(ortho, tmp_path / "o2", models, dtm=path))
