@@ -101,17 +101,16 @@ def labelled_percentile(labels: np.ndarray, values: np.ndarray, n_labels: int,
 
 
 def ground_from_dsm(dsm_m: np.ndarray, cell_m: float = GROUND_CELL_M, window_m: float = GROUND_WINDOW_M,
-                    tol_m: float = GROUND_TOL_M, max_rounds: int = 8) -> np.ndarray:
+                    tol_m: float = GROUND_TOL_M, max_rounds: int = 4) -> np.ndarray:
     """Ground elevation (m) on the grid of ``dsm_m`` (a DSM of cell minima, NaN = no data; cell ``cell_m``).
 
     The morphological opening (minimum then maximum filter, ``window_m`` square) removes everything narrower
     than the window (crowns) and keeps planar slopes; cells whose DSM lies within ``tol_m`` of it are ground
-    (gaps), and the ground between them is linearly interpolated (nearest outside their hull), never above
-    the DSM; cells within ``tol_m`` of that ground join it (up to ``max_rounds`` rounds: crests that the
+    (gaps), and the ground between them is interpolated (``fill_from_cells``), never above the DSM; cells
+    within ``tol_m`` of that ground join it (up to ``max_rounds`` rounds: crests that the
     opening cut). Under a closed canopy wider than the window the ground comes from the nearest gaps.
     """
     from scipy import ndimage
-    from scipy.interpolate import griddata
 
     dsm = np.asarray(dsm_m, dtype=np.float64)
     valid = np.isfinite(dsm)
@@ -123,16 +122,8 @@ def ground_from_dsm(dsm_m: np.ndarray, cell_m: float = GROUND_CELL_M, window_m: 
     ground_cells = valid & (dsm - opened <= tol_m)
     if ground_cells.sum() < 3:
         return np.minimum(opened, filled)
-    gr, gc = np.mgrid[: dsm.shape[0], : dsm.shape[1]]
-
     def interpolate(cells: np.ndarray) -> np.ndarray:
-        rr, cc = np.nonzero(cells)
-        vals = dsm[cells]
-        surface = griddata((rr, cc), vals, (gr, gc), method="linear")
-        hole = ~np.isfinite(surface)
-        if hole.any():
-            surface[hole] = griddata((rr, cc), vals, (gr[hole], gc[hole]), method="nearest")
-        return np.minimum(surface, filled)
+        return np.minimum(fill_from_cells(dsm, cells), filled)
 
     ground = interpolate(ground_cells)
     # densify: the opening cuts convex relief (crests); cells within tol_m of the interpolated ground are
@@ -146,11 +137,43 @@ def ground_from_dsm(dsm_m: np.ndarray, cell_m: float = GROUND_CELL_M, window_m: 
     return ground
 
 
+def fill_from_cells(values: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """``values`` where ``cells`` is True, interpolated elsewhere: a least-squares plane through the cells
+    plus their residuals spread by normalised Gaussian convolution at growing scales (1, 2, 4, ... cells;
+    what is left, the nearest cell's residual). Linear cost in the grid size; exact on a plane."""
+    from scipy import ndimage
+
+    rows, cols = np.nonzero(cells)
+    v = values[cells]
+    design = np.column_stack([np.ones(v.size), rows, cols])
+    coef = np.linalg.lstsq(design, v, rcond=None)[0]
+    gr, gc = np.mgrid[: values.shape[0], : values.shape[1]]
+    plane = coef[0] + coef[1] * gr + coef[2] * gc
+    resid = np.where(cells, values - plane, 0.0)
+    out = np.where(cells, resid, np.nan)
+    done = cells.copy()
+    weight = cells.astype(np.float64)
+    sigma = 1.0
+    while not done.all() and sigma <= max(values.shape):
+        num = ndimage.gaussian_filter(resid, sigma, mode="nearest")
+        den = ndimage.gaussian_filter(weight, sigma, mode="nearest")
+        ok = ~done & (den > 1e-3)
+        out[ok] = num[ok] / den[ok]
+        done |= ok
+        sigma *= 2.0
+    if not done.all():
+        idx = ndimage.distance_transform_edt(~cells, return_distances=False, return_indices=True)
+        out[~done] = resid[idx[0][~done], idx[1][~done]]
+    return plane + out
+
+
 def _dsm_ground_grid(dsm_src: rasterio.DatasetReader, crs: CRS, bounds: tuple[float, float, float, float],
                      cell_m: float = GROUND_CELL_M, margin_m: float = GROUND_WINDOW_M
                      ) -> tuple[np.ndarray, Affine]:
     """The DSM-derived ground (m) on a ``cell_m`` grid in ``crs`` covering ``bounds`` plus a margin."""
     left, bottom, right, top = bounds
+    # at most about a million cells: 1 m up to 1 km², coarser above (Delaunay interpolation cost)
+    cell_m = max(cell_m, math.sqrt((right - left + 2 * margin_m) * (top - bottom + 2 * margin_m) / 1e6))
     left = math.floor((left - margin_m) / cell_m) * cell_m
     top = math.ceil((top + margin_m) / cell_m) * cell_m
     width = max(1, math.ceil((right + margin_m - left) / cell_m))

@@ -35,7 +35,7 @@ class Scenario:
     height_factor: float = 1.0  # the run's height bias fixed at this factor instead of drawn (b: 0.95)
     mixture: bool = False  # (c) truth species 50/50 from MIXTURE, the classifier says 0.5 / 0.5
     no_chm: bool = False  # (d) heights unknown: allometric heights
-    dsm_ground_sd_m: float | None = None  # (e) heights from a DSM-derived ground: ground error SD (m)
+    dsm: bool = False  # (e) heights from a rendered scene's dsm.tif alone (ground derived from its gaps)
     recall: float | None = None  # (f) detector recall (size-dependent, mean about this)
 
 
@@ -44,7 +44,7 @@ SCENARIOS = (
     Scenario("b: heights 5 % low for all trees", height_factor=0.95),
     Scenario("c: 50/50 species mixture", mixture=True),
     Scenario("d: no CHM (allometric heights)", no_chm=True),
-    Scenario("e: DSM only (ground from the DSM)", dsm_ground_sd_m=0.5),
+    Scenario("e: DSM only (ground from the DSM)", dsm=True),
     Scenario("f: detection error, recall ~0.7", recall=0.7),
 )
 
@@ -122,7 +122,11 @@ def one_replicate(scenario: Scenario, replicate: int, seed: int = 0, size_m: flo
     base = config or CarbonConfig()
     cfg = replace(base, n_draws=n_draws, seed=replicate, species_probs=None, species_classes=None)
     rng = np.random.default_rng([seed, replicate, 17])
-    stand = generated_stand(seed * 1000 + replicate, size_m)
+    dsm_heights = None
+    if scenario.dsm:
+        stand, dsm_heights = _rendered_stand(seed * 1000 + replicate, size_m)
+    else:
+        stand = generated_stand(seed * 1000 + replicate, size_m)
     n = len(stand)
     species = stand["species"].to_numpy()
     if scenario.mixture:
@@ -133,11 +137,9 @@ def one_replicate(scenario: Scenario, replicate: int, seed: int = 0, size_m: flo
     h_bias = shared["h_bias"] if scenario.height_factor == 1.0 else math.log(scenario.height_factor)
     h_meas = stand["height_m"].to_numpy() * np.exp(h_bias + rng.normal(0, cfg.height_rel_sd, n))
     source = "chm"
-    if scenario.dsm_ground_sd_m is not None:
-        # DSM heights: top of canopy minus a ground interpolated between gaps (error SD in metres, smooth over
-        # the stand: one offset per run plus a per-tree part), no CHM measurement bias of its own
-        ground = rng.normal(0, scenario.dsm_ground_sd_m) + rng.normal(0, scenario.dsm_ground_sd_m / 2, n)
-        h_meas = stand["height_m"].to_numpy() * np.exp(rng.normal(0, cfg.height_rel_sd, n)) - ground
+    if dsm_heights is not None:
+        # the rendered scene's DSM minus the ground derived from it: real measurement error, no drawn one
+        h_meas = dsm_heights
         source = "dsm-ground"
     if scenario.no_chm:
         h_meas = np.full(n, np.nan)
@@ -157,6 +159,25 @@ def one_replicate(scenario: Scenario, replicate: int, seed: int = 0, size_m: flo
     total = res.uncertainty.get("total_with_detection") or res.total
     return {"truth_t": float(truth_kg.sum() / 1000), "est_t": total["agb_t"], "lo_t": total["agb_t_ci90_low"],
             "hi_t": total["agb_t_ci90_high"], "n_trees": n, "n_input": len(trees)}
+
+
+def _rendered_stand(seed: int, size_m: float) -> tuple[pd.DataFrame, np.ndarray]:
+    """A rendered scene (``generate_scene`` at 0.2 m) and its crown heights from dsm.tif alone."""
+    import tempfile
+
+    import pyogrio
+
+    from pipeline.height import crown_heights
+    from pipeline.synthetic import generate_scene
+
+    with tempfile.TemporaryDirectory(prefix="coverage_dsm_") as tmp:
+        scene = generate_scene(tmp, size_m=size_m, gsd_m=0.2, seed=seed)
+        truth = pyogrio.read_dataframe(scene.truth, layer="crowns")
+        heights, _ = crown_heights(truth, dsm=scene.dsm)
+    stand = pd.DataFrame({"species": truth["species"].astype(str).to_numpy(),
+                          "height_m": truth["height_m"].to_numpy(dtype=float),
+                          "crown_diameter_m": truth["crown_diameter_m"].to_numpy(dtype=float)})
+    return stand, np.asarray(heights, dtype=float)
 
 
 def _calibration(seed: int, replicate: int, recall: float, config: CarbonConfig, n_plots: int = 12,
