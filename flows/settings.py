@@ -59,6 +59,23 @@ def _project_home(project_dir: str | os.PathLike | None) -> Path:
     return base.expanduser().resolve() / ".prefect"
 
 
+def result_dir(kind: str, out: str | os.PathLike) -> Path:
+    """Where a flow's task results (Prefect pickles them) live: under the Prefect home, never inside the
+    output folder ``out`` (a tampered or shared output folder must hold nothing that runs code on load):
+    ``<PREFECT_HOME>/results/<kind>/<sha256 of the resolved output path, 16 hex>``."""
+    import hashlib
+
+    out_path = Path(out).expanduser().resolve()
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser().resolve()
+    folder = home / "results" / kind / hashlib.sha256(str(out_path).encode()).hexdigest()[:16]
+    if folder == out_path or out_path in folder.parents:
+        from pipeline.errors import InputError
+
+        raise InputError(f"{out}: the output folder holds the Prefect home ({home}); pass another output "
+                         "folder or set PREFECT_HOME elsewhere")
+    return folder
+
+
 def default_environment(project_dir: str | os.PathLike | None = None,
                         thread_workers: int = DEFAULT_THREAD_WORKERS,
                         log_to_api: bool = True) -> dict[str, str]:

@@ -168,6 +168,32 @@ def _shared_model(path: Path, threads: int | None, task: str) -> OnnxModel:
         return _MODELS[key]
 
 
+_SOURCE_MEMO: dict[tuple, str] = {}
+
+
+def source_sha256(roots: tuple[Path, ...] | None = None) -> str:
+    """sha256 of the code and data the results depend on: every ``*.py`` and ``carbon/data`` file of the
+    ``pipeline`` package (or of ``roots``), by relative path and content; memoised by (path, size, mtime).
+
+    Part of the resume fingerprint and of the flow's cache key, so a code change recomputes (issue 17)."""
+    roots = roots or (Path(pipeline.__file__).resolve().parent,)
+    files = []
+    for root in roots:
+        files += [(root, p) for p in sorted(root.rglob("*"))
+                  if p.is_file() and "__pycache__" not in p.parts
+                  and (p.suffix == ".py" or "data" in p.relative_to(root).parts)]
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for _, p in files)
+    if stamp in _SOURCE_MEMO:
+        return _SOURCE_MEMO[stamp]
+    digest = hashlib.sha256()
+    for root, path in files:
+        digest.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    _SOURCE_MEMO[stamp] = digest.hexdigest()
+    return _SOURCE_MEMO[stamp]
+
+
 def _file_fingerprint(path: Path | None) -> list:
     if path is None:
         return []
@@ -267,7 +293,7 @@ def validate(config: InventoryConfig) -> RunPlan:
     fp_doc = {"ortho": _file_fingerprint(cfg.ortho), "crown": crown.sha256, "bands": list(cfg.bands),
               "crs": cfg.crs, "chm": _file_fingerprint(cfg.chm), "dsm": _file_fingerprint(cfg.dsm),
               "dtm": _file_fingerprint(cfg.dtm), "postprocess": pp, "tiles_per_group": cfg.tiles_per_group,
-              "version": pipeline.__version__, **({"tta": True} if cfg.tta else {})}
+              "version": pipeline.__version__, "code": source_sha256(), **({"tta": True} if cfg.tta else {})}
     fingerprint = hashlib.sha256(json.dumps(fp_doc, sort_keys=True).encode()).hexdigest()[:16]
     try:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)

@@ -249,6 +249,19 @@ def test_resume_reuses_finished_groups(tmp_path, scene, models):
     assert not first.exists()
 
 
+def test_resume_fingerprint_holds_the_code(tmp_path, scene, models, monkeypatch):
+    # issue 17, item 8: a code change (another source hash) discards the finished groups
+    cfg = config(scene[0], tmp_path / "out", models, tiles_per_group=10)
+    plan = inventory.validate(cfg)
+    first = inventory.infer_group(plan, 0)
+    plan.close()
+    assert len(inventory.source_sha256()) == 64
+    assert inventory.source_sha256() == inventory.source_sha256()  # memoised, stable
+    monkeypatch.setattr(inventory, "source_sha256", lambda roots=None: "0" * 64)
+    inventory.validate(cfg).close()
+    assert not first.exists()
+
+
 def test_cli_run_and_bad_input(tmp_path, scene, models):
     from pipeline.cli import app
 
