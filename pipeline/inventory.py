@@ -595,6 +595,7 @@ def build_summary(plan: RunPlan, result: Any, n_trees: int) -> dict[str, Any]:
         "elapsed_s": time.time() - plan.started,
         "version": pipeline.__version__,
         "agb_t_sd": _num(total.get("agb_t_sd")),
+        "agb_t_ci90": [_num(total.get("agb_t_ci90_low")), _num(total.get("agb_t_ci90_high"))],
         "co2e_t_sd": _num(total.get("co2e_t_sd")),
         "co2e_t_ci95": [_num(total.get("co2e_t_ci95_low")), _num(total.get("co2e_t_ci95_high"))],
         "co2e_halfwidth90_pct": _num(total.get("co2e_halfwidth90_pct")),

@@ -268,9 +268,12 @@ def _chain(h_in: np.ndarray, has_h: np.ndarray, cd: np.ndarray, rho: np.ndarray,
         sds = [0.0] * 4
     s_rho_tree2 = config.wood_density_tree_rel_sd**2 if "wood_density" in comp else 0.0
     # independent per-tree variance; the residual and wood-density part is centred (its point is a mean)
-    # (loading k times sigma², see pipeline.carbon.montecarlo: the draws keep the chain's convexity)
-    centre = np.where(has_h, 0.0, g_h * (hd.rse_log if resid else 0.0) ** 2) + g_d * s_j2 \
-        + b_rho * s_rho_tree2 + s_res2
+    # (loading k times sigma², see pipeline.carbon.montecarlo: the draws keep the chain's convexity). The
+    # H-D residual of an allometric height is centred on AGB (k² sigma²): through the fixed point with
+    # Jucker's DBH its loading is ~4.8, and a mean-preserving H would put the whole interval above the
+    # point (x1.7 at RSE 0.243); the chained no-CHM estimate is taken as mean-unbiased for AGB instead
+    rse2 = (hd.rse_log if resid else 0.0) ** 2
+    centre = np.where(has_h, 0.0, g_h**2 * rse2) + g_d * s_j2 + b_rho * s_rho_tree2 + s_res2
     var = (g_h * sigma_h) ** 2 + (g_cd * s_cd) ** 2 + g_d**2 * s_j2 + b_rho**2 * s_rho_tree2 + s_res2
     # shared (per-run) systematic terms: CHM height bias (measured heights), segmentation crown-diameter
     # bias (all trees), the site shift of the H-D model (allometric heights: E unknown or local intercept)
