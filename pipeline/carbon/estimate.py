@@ -69,6 +69,7 @@ class CarbonConfig:
     height_bias_rel_sd: float = 0.05  # systematic CHM height bias of the run (shared; see METHOD.md)
     crown_diameter_bias_rel_sd: float = 0.05  # systematic crown-diameter bias of the segmentation (shared)
     wood_density_tree_rel_sd: float = 0.10  # tree-to-tree wood density within a taxon (independent)
+    wood_density_shared: bool = True  # the table value's error shared by a taxon's trees (False: per tree)
     jucker_dbh_residual_sd: float = math.sqrt(al.JUCKER_DBH_RESIDUAL_VAR)  # 0.237 (sigma² = 0.056)
     chave_param: ParamError = ParamError(0.02, 0.005, 9.3)
     jucker_dbh_param: ParamError = ParamError(0.02, 0.005, 5.0)
@@ -266,7 +267,10 @@ def _chain(h_in: np.ndarray, has_h: np.ndarray, cd: np.ndarray, rho: np.ndarray,
         sds = [config.jucker_agb_param.intercept_sd, config.jucker_agb_param.slope_sd, 0.0, 0.0]
     if "parameters" not in comp:
         sds = [0.0] * 4
-    s_rho_tree2 = config.wood_density_tree_rel_sd**2 if "wood_density" in comp else 0.0
+    wd_on = "wood_density" in comp
+    s_rho_tree2 = config.wood_density_tree_rel_sd**2 if wd_on else np.zeros(n)
+    if wd_on and not config.wood_density_shared:  # before issue 17: the level SD drawn per tree
+        s_rho_tree2 = s_rho_tree2 + np.where(rho > 0, rho_sd / rho, 0.0) ** 2
     # independent per-tree variance; the residual and wood-density part is centred (its point is a mean)
     # (loading k times sigma², see pipeline.carbon.montecarlo: the draws keep the chain's convexity). The
     # H-D residual of an allometric height is centred on AGB (k² sigma²): through the fixed point with
@@ -282,7 +286,7 @@ def _chain(h_in: np.ndarray, has_h: np.ndarray, cd: np.ndarray, rho: np.ndarray,
     loadings[:, 6] = np.where(has_h, 0.0, g_h)
     shared_sds = [config.height_bias_rel_sd, config.crown_diameter_bias_rel_sd, hd.shared_sd_log]
     sds += [v if sys_on else 0.0 for v in shared_sds]
-    wd_ln_sd = np.where(rho > 0, rho_sd / rho, 0.0) if "wood_density" in comp else np.zeros(n)
+    wd_ln_sd = np.where(rho > 0, rho_sd / rho, 0.0) if wd_on and config.wood_density_shared else np.zeros(n)
     return {"height_m": h, "dbh_cm": d, "dbh_model": dbh_names, "agb_kg": agb,
             "noise_var": np.asarray(var, dtype=float), "centre_var": np.asarray(centre, dtype=float),
             "loadings": loadings,
