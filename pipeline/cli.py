@@ -194,7 +194,7 @@ def synth_cmd(
                            crown_style=crown_style)
     typer.echo(f"{files.n_trees} trees, {size_m:g} m x {size_m:g} m at {gsd_m:g} m ({files.crs}) "
                f"in {time.perf_counter() - t0:.1f} s")
-    for path in (files.ortho, files.chm, files.truth, files.meta):
+    for path in (files.ortho, files.chm, files.dsm, files.truth, files.meta):
         typer.echo(f"  {path}")
 
 

@@ -119,6 +119,7 @@ def test_cli_synth(tmp_path):
     res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--size-m", "30", "--seed", "2"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "s" / "ortho.tif").exists() and (tmp_path / "s" / "truth.gpkg").exists()
+    assert (tmp_path / "s" / "dsm.tif").exists() and "dsm.tif" in res.output
     bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "t"), "--size-m", "30", "--crs", "EPSG:4326"])
     assert bad.exit_code == 2 and "projected" in bad.output
 

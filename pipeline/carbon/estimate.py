@@ -556,6 +556,9 @@ def _uncertainty_statement(config: CarbonConfig, hd: al.HeightDiameterModel, n_a
     if not detection.get("included"):
         exc.insert(0, "crown detection error (missed, false, merged and split crowns): the crown model "
                    "carries no detection calibration")
+    else:
+        exc.insert(0, "crown detection error in the per-cell, per-plot and per-species tables (it is "
+                   "applied to the run's total only)")
     return {"includes": inc, "excludes": exc, "detection": {k: v for k, v in detection.items()
                                                             if k not in ("total",)},
             "total_with_detection": detection.get("total")}
