@@ -168,6 +168,7 @@ def test_species_mixture_known_answer_153t():
     assert mix_width > pine.total["agb_t_ci90_high"] - pine.total["agb_t_ci90_low"]
     # per tree: the expectation over the species, between the two single-species values
     np.testing.assert_allclose(mix.trees["agb_kg"], (620.56 + 910.72) / 2, atol=0.01)
+    np.testing.assert_allclose(mix.trees["agb_recorded_species_kg"], 620.56, atol=0.01)  # audit column
     # the Monte Carlo agrees with the expectation (no rescaling to the top species): drawing only the
     # species, its mean is the mixture's point estimate
     trees = mix.trees[["tree_id", "crown_diameter_m", "height_m", "height_source", "species", "species_prob"]]

@@ -368,7 +368,8 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
     agb_point = main["agb_kg"].copy()
     carbon_point_factor = agb_point * cf_group[pg]  # sum over species of p_k AGB_k CF_k
     taxon, taxon_k, taxa = None, None, []
-    if "species" in config.components and config.species_probs is not None:
+    probs_k_used = "species" in config.components and config.species_probs is not None
+    if probs_k_used:
         probs_k = np.asarray(config.species_probs, dtype=float)
         classes = list(config.species_classes or [])
         if probs_k.shape != (n, len(classes)):
@@ -446,6 +447,8 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
     out["agb_kg_sd"] = mc.agb_sd
     out["agb_kg_p5"] = mc.agb_p5
     out["agb_kg_p95"] = mc.agb_p95
+    if probs_k_used:
+        out["agb_recorded_species_kg"] = main["agb_kg"]  # the chain at the recorded (top) species
     out[f"agb_{alt_model}_kg"] = alt_agb
     out["root_shoot_ratio"] = r
     out["bgb_kg"] = al.bgb_kg(agb_point, r)
