@@ -10,8 +10,8 @@ report. Orchestration only: every task is one call into ``models`` (needs the ``
 - report: the results JSON of ``models.compression.crown_study`` plus ``models.compression.report``
 
 Each step is cached on the identity of its inputs (files by path + size + mtime, ONNX models by sha256)
-and its parameters; results live under the Prefect home (``flows.settings.result_dir``, never inside the
-output folder: Prefect pickles them), so a rerun only does what changed.
+and its parameters; results live in ``flows.settings.result_dir`` (never inside the output folder: Prefect
+pickles them), so a rerun only does what changed.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ give identical outputs.
 - Cache: each task's key is the run identity (input files by path + size + mtime, ONNX models by sha256,
   every other parameter by value, the package version and a sha256 of the source and data files of
   ``pipeline/`` and ``flows/``, so a code change recomputes) plus the stage name, never a hash of gigabytes
-  of imagery. Prefect persists task results with pickle, so they live OUTSIDE the output folder, under the
-  Prefect home (``<PREFECT_HOME>/results/inventory/<hash of the output path>``): a tampered or shared
-  output folder holds no pickle to load. A cached stage whose files have gone is run again.
+  of imagery. Prefect persists task results with pickle, so they live OUTSIDE the output folder
+  (``flows.settings.result_dir``: ``~/.cache/forest-inventory/prefect-results/inventory/<hash of the output
+  path>``, or under ``$FOREST_INVENTORY_RESULTS``): a tampered or shared output folder holds no pickle to
+  load. A cached stage whose files have gone is run again.
 - Resume: ``infer_group`` persists each group's crowns under ``<out>/.work/groups/`` and reuses an existing
   file, so a killed run picks up from the groups it finished (the state is in the output folder, not in
   Prefect's database).
@@ -190,8 +191,8 @@ _TASK_OPTIONS: dict[str, Any] = {
 
 
 def cache_dir(out: str | os.PathLike) -> Path:
-    """Where the flow's task results (pickles) live: ``flows.settings.result_dir("inventory", out)``, under
-    the Prefect home and never inside ``out``."""
+    """Where the flow's task results (pickles) live: ``flows.settings.result_dir("inventory", out)``, never
+    inside ``out``."""
     return result_dir("inventory", out)
 
 

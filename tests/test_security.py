@@ -92,16 +92,24 @@ def test_flows_never_unpickle_and_keep_results_out_of_the_output_folder(path):
 
 def test_flow_results_live_outside_the_output_folder(tmp_path, monkeypatch):
     from flows.inventory import cache_dir
-    from flows.settings import result_dir
+    from flows.settings import configure, result_dir, results_home
     from pipeline.errors import InputError
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FOREST_INVENTORY_RESULTS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    for folder in (cache_dir(out), result_dir("compress", out)):
-        assert out not in folder.parents and folder.is_relative_to(tmp_path / "home")
+    saved = dict(os.environ)
+    try:
+        configure(out)  # batch and serve put the Prefect home inside their output folder
+        for folder in (cache_dir(out / "site"), result_dir("compress", out)):
+            assert out not in folder.parents and folder.is_relative_to(tmp_path / "cache")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert cache_dir(out) != cache_dir(tmp_path / "other")
-    monkeypatch.setenv("PREFECT_HOME", str(out / ".prefect"))
-    with pytest.raises(InputError, match="Prefect home"):
+    monkeypatch.setenv("FOREST_INVENTORY_RESULTS", str(out / "r"))
+    assert results_home() == (out / "r").resolve()
+    with pytest.raises(InputError, match="result store"):
         cache_dir(out)
 
 
