@@ -158,6 +158,9 @@ def run_cmd(
             ("trees per ha", f"{summary['trees_per_ha']:.1f}"), ("AGB", f"{summary['agb_t']:.2f} t"),
             ("carbon", f"{summary['carbon_t']:.2f} t C"),
             ("CO2e", f"{summary['co2e_t']:.2f} t (90% CI {ci[0]:.2f} to {ci[1]:.2f})"),
+            ("heights", "ALLOMETRIC (no CHM/DSM): see the warning below"
+             if any("ALLOMETRIC" in w for w in summary.get("warnings") or []) else
+             ", ".join(sorted(summary.get("height_inputs") or {})) or "-"),
             ("CRS / GSD", f"{summary['crs']} / {summary['gsd_m']:.3f} m"),
             ("time", f"{summary['elapsed_s']:.1f} s"), ("outputs", str(out))]
     for key, value in rows:

@@ -383,7 +383,8 @@ def test_cli_sets_the_site_height_diameter_relation(tmp_path, scene, models):
     assert res.exit_code == 2 and "--hd-local" in res.output
     res = runner.invoke(app, args + ["--out", str(tmp_path / "e"), "--hd-e", "0.4"])
     assert res.exit_code == 0, res.output
-    assert "HEIGHTS ARE ALLOMETRIC" in res.output  # loud on the CLI
+    assert "HEIGHTS ARE ALLOMETRIC" in res.output  # loud on the CLI, in the table and below it
+    assert "ALLOMETRIC (no CHM/DSM)" in res.output
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["carbon"]["carbon_config"]["hd_environmental_stress_e"] == 0.4
     assert "E = 0.4" in summary["carbon"]["factors"]["height_diameter_source"]
