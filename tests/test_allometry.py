@@ -97,3 +97,19 @@ def test_root_shoot_table_and_config_values():
         CarbonConfig(carbon_fraction={"angiosperm": 0.9})
     with pytest.raises(InputError):
         CarbonConfig(components={"vibes"})
+
+
+def test_hd_shift_calibrated_on_measured_trees_known_answer():
+    # measured heights made by the fixed point at E = 0.4: the calibrated shift of the E = 0 curve is -0.4
+    # on ln H (eq. 6a: ln H = 0.893 - E + ...), and trees without a height then get the E = 0.4 heights
+    rng = np.random.default_rng(1)
+    cd = rng.uniform(3, 12, 60)
+    true_hd = al.height_diameter_model("chave2014_eq6a", environmental_stress_e=0.4)
+    h, _ = al.height_from_crown_m(cd, true_hd)
+    pg = np.zeros(cd.size, dtype=int)
+    model, record = al.calibrate_hd_shift(h, cd, pg, al.height_diameter_model("chave2014_eq6a"))
+    assert record["log_shift"] == pytest.approx(-0.4, abs=1e-6)
+    assert record["sd"] == pytest.approx(al.HD_CALIBRATION_MIN_SD)  # no scatter: the floor
+    new_cd = np.array([4.0, 9.0])
+    np.testing.assert_allclose(al.height_from_crown_m(new_cd, model)[0],
+                               al.height_from_crown_m(new_cd, true_hd)[0], rtol=1e-6)

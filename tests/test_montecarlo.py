@@ -268,3 +268,26 @@ def test_carbon_fraction_by_plant_group():
     sp = res.groups["species"].set_index("species")
     pine = t[t["species"] == "Pinus palustris"]
     assert sp.loc["Pinus palustris", "co2e_t"] == pytest.approx(pine["co2e_kg"].sum() / 1000, rel=1e-12)
+
+
+def test_trees_the_chm_missed_use_the_site_hd_shift():
+    # 200 trees with CHM heights made at E = 0.4, 20 without: the missing ones get E = 0.4 heights (the H-D
+    # curve calibrated on the measured trees), not the E = 0 heights, and the interval stays usable
+    from pipeline.carbon import allometry as al
+
+    rng = np.random.default_rng(2)
+    cd = rng.uniform(3, 12, 220)
+    h, _ = al.height_from_crown_m(cd, al.height_diameter_model("chave2014_eq6a", environmental_stress_e=0.4))
+    h_in = h.copy()
+    h_in[200:] = np.nan
+    trees = pd.DataFrame({"tree_id": np.arange(220), "crown_diameter_m": cd, "height_m": h_in,
+                          "height_source": np.where(np.isnan(h_in), "none", "chm"),
+                          "species": "Quercus laevis", "species_prob": 1.0})
+    res = estimate_carbon(trees, CarbonConfig(n_draws=500))
+    np.testing.assert_allclose(res.trees["height_m"].to_numpy()[200:], h[200:], rtol=1e-5)
+    cal = res.factors["height_diameter_calibration"]
+    assert cal["n_trees"] == 200 and cal["log_shift"] == pytest.approx(-0.4, abs=1e-5)
+    assert res.total["co2e_halfwidth90_pct"] < 60
+    off = estimate_carbon(trees, CarbonConfig(n_draws=500, hd_calibrate=False))  # E = 0, SD 0.5
+    assert off.factors["height_diameter_calibration"] is None
+    assert off.total["co2e_halfwidth90_pct"] > res.total["co2e_halfwidth90_pct"]

@@ -23,7 +23,7 @@ Sources
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -198,10 +198,12 @@ class HeightDiameterModel:
     rse_log: float = 0.0
     source: str = ""
     shared_sd_log: float = 0.0  # SD of the site-level shift of ln H (E unknown, or the local intercept)
+    site_log_shift: float = 0.0  # calibrated shift of ln H for the site (see calibrate_hd_shift)
 
     def height_m(self, dbh_cm: ArrayLike, log_shift: float = 0.0) -> np.ndarray:
         """Height (m) for diameter (cm); ``log_shift`` is added to ln H (error propagation)."""
         d = np.maximum(np.asarray(dbh_cm, dtype=float), 0.1)
+        log_shift = log_shift + self.site_log_shift
         if self.kind == "weibull":
             return self.a * (1.0 - np.exp(-self.b * np.power(d, self.c))) * math.exp(log_shift)
         ld = np.log(d)
@@ -283,6 +285,60 @@ def height_from_crown_m(crown_diameter_m: ArrayLike, hd_model: HeightDiameterMod
         if done:
             break
     return hd_model.height_m(d, height_log_shift), d
+
+
+HD_CALIBRATION_MIN_TREES = 20  # measured heights needed to calibrate the site's H-D shift
+HD_CALIBRATION_MIN_SD = 0.02  # floor of the calibrated shift's SD (log scale)
+HD_CALIBRATION_MAX_TREES = 4000  # larger sets are subsampled evenly
+
+
+def calibrate_hd_shift(height_m: np.ndarray, crown_diameter_m: np.ndarray, plant_group: np.ndarray,
+                       hd_model: HeightDiameterModel, biome: str = "temperate"
+                       ) -> tuple[HeightDiameterModel, dict]:
+    """The site's H-D shift from trees with a measured height (m) and crown diameter (m).
+
+    Finds the log shift of the H-D curve whose fixed-point heights (``height_from_crown_m``) have a median
+    log ratio of 0 to the measured ones (bisection), and its SD: the standard error of that median
+    (1.2533 s / sqrt(n)) over the fixed point's amplification, floored at 0.02. Returns the shifted model
+    (``site_log_shift``, ``shared_sd_log``, ``source`` updated) and a record of the calibration.
+    """
+    h = np.asarray(height_m, dtype=float)
+    cd = np.asarray(crown_diameter_m, dtype=float)
+    pg = np.asarray(plant_group)
+    n_all = h.size
+    if n_all > HD_CALIBRATION_MAX_TREES:  # an even subsample: the median needs no more (and stays cheap)
+        keep = np.linspace(0, n_all - 1, HD_CALIBRATION_MAX_TREES).astype(np.int64)
+        h, cd, pg = h[keep], cd[keep], pg[keep]
+    base = replace(hd_model, site_log_shift=0.0)
+
+    def fixed_point(shift: float) -> np.ndarray:
+        out = np.empty_like(h)
+        for gi, group in enumerate(PLANT_GROUPS):
+            m = pg == gi
+            if m.any():
+                out[m] = height_from_crown_m(cd[m], base, group, biome, height_log_shift=shift)[0]
+        return out
+
+    def gap(shift: float) -> float:
+        return float(np.median(np.log(h) - np.log(fixed_point(shift))))
+
+    lo, hi = -3.0, 3.0
+    for _ in range(32):
+        mid = (lo + hi) / 2.0
+        if gap(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    shift = (lo + hi) / 2.0
+    resid = np.log(h) - np.log(fixed_point(shift))
+    amplification = float(np.median((np.log(fixed_point(shift + 1e-3)) - np.log(fixed_point(shift))) / 1e-3))
+    s = float(resid.std(ddof=1)) if h.size > 1 else 0.0
+    sd = max(1.2533 * s / math.sqrt(max(n_all, 1)) / max(amplification, 1e-9), HD_CALIBRATION_MIN_SD)
+    model = replace(hd_model, site_log_shift=shift, shared_sd_log=sd,
+                    source=f"{hd_model.source}; site shift {shift:+.3f} on ln H (SD {sd:.3f}) calibrated on "
+                           f"{n_all} measured trees")
+    return model, {"n_trees": int(n_all), "log_shift": shift, "sd": sd, "residual_sd_log": s,
+                   "amplification": amplification}
 
 
 # --------------------------------------------------------------------------- BGB, carbon, CO2e

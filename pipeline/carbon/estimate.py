@@ -55,6 +55,7 @@ class CarbonConfig:
     hd_environmental_stress_e: float | None = None  # Chave 2014 E of the site; None: not set (E 0, SD 0.5)
     hd_e_sd: float | None = None  # SD of E (shared); None: 0.5 when E is not set, 0.1 when it is
     hd_local: dict[str, float] | None = None  # local H-D: a, b, c, rse, intercept_sd (ln H, H m, D cm)
+    hd_calibrate: bool = True  # neither E nor a local fit given: shift the H-D curve to the measured trees
     wood_density_csv: str | None = None  # user table; its rows replace the built-in ones
     wood_density_region: str = "global"  # regional default when neither taxon nor stand resolves
     ecozone: str = fc.DEFAULT_ECOZONE
@@ -347,6 +348,11 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
     h_in = pd.to_numeric(t["height_m"], errors="coerce").to_numpy(dtype=float, copy=True)
     has_h = np.isfinite(h_in) & (h_in > 0)
     hd = config.hd()
+    hd_calibration = None
+    if (config.hd_calibrate and config.hd_environmental_stress_e is None and config.hd_local is None
+            and (~has_h).any() and has_h.sum() >= al.HD_CALIBRATION_MIN_TREES):
+        # a CHM for most trees: the site's H-D relation from them, for the trees the CHM missed
+        hd, hd_calibration = al.calibrate_hd_shift(h_in[has_h], cd[has_h], pg[has_h], hd, config.jucker_biome)
     source = np.where(has_h, t["height_source"].astype(object).to_numpy(), "allometry")
 
     main = _chain(h_in, has_h, cd, rho, rho_sd, pg, hd, config, config.agb_model)
@@ -501,6 +507,7 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
         "carbon_fraction": dict(config.carbon_fraction), "carbon_fraction_sd": config.carbon_fraction_sd,
         "carbon_fraction_source": fc.CARBON_FRACTION_SOURCE,
         "height_diameter_model": hd.name, "height_diameter_source": hd.source,
+        "height_diameter_calibration": hd_calibration,
         "jucker_biome": config.jucker_biome,
         "wood_density_table": str(config.wood_density_csv or Path("pipeline/carbon/data/wood_density.csv")),
         "wood_density_levels": {str(k): int(v) for k, v in wd["wood_density_level"].value_counts().items()},
