@@ -360,20 +360,13 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
     alt_model = next(m for m in AGB_MODELS if m != config.agb_model)
     alt_agb = _point_chain(h_in, has_h, cd, rho, pg, hd, config, alt_model)[2]  # only its point values
 
-    # stand factors (R from the stand's AGB density at the recorded species)
-    point_total_t = float(main["agb_kg"].sum()) / 1000.0
-    if config.root_shoot_ratio is not None:
-        r, r_label = float(config.root_shoot_ratio), "user value"
-    else:
-        density = point_total_t / config.area_ha if config.area_ha else None
-        r, r_label = fc.root_shoot_ratio(config.ecozone, density)
     cf_group = np.array([config.carbon_fraction["angiosperm"], config.carbon_fraction["gymnosperm"]])
 
     # species drawn from the classifier's probabilities: the point estimate is the expectation over them
     probs_k = ln_k = var_k = cvar_k = pg_k = None
     agb_point = main["agb_kg"].copy()
     carbon_point_factor = agb_point * cf_group[pg]  # sum over species of p_k AGB_k CF_k
-    taxon, taxon_k, taxa = None, None, []
+    taxon, taxon_k = None, None
     probs_k_used = "species" in config.components and config.species_probs is not None
     if probs_k_used:
         probs_k = np.asarray(config.species_probs, dtype=float)
@@ -402,14 +395,19 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
             agb_point += probs_k[:, k] * ck["agb_kg"]
             carbon_point_factor += probs_k[:, k] * ck["agb_kg"] * cf_group[pg_k[k]]
         taxon_k = np.arange(len(classes))
-        taxa = classes
     else:
         codes, uniq = pd.factorize(pd.Series(species))
         taxon = codes.astype(np.int64)
-        taxa = [str(u) for u in uniq]
-        taxon_sd = np.zeros(len(taxa))
+        taxon_sd = np.zeros(len(uniq))
         if n:
             taxon_sd[taxon] = main["wd_ln_sd"]  # one value per species name (same lookup for all its trees)
+    # stand factors (R from the stand's AGB density: the point estimate, species expectation included)
+    point_total_t = float(agb_point.sum()) / 1000.0
+    if config.root_shoot_ratio is not None:
+        r, r_label = float(config.root_shoot_ratio), "user value"
+    else:
+        density = point_total_t / config.area_ha if config.area_ha else None
+        r, r_label = fc.root_shoot_ratio(config.ecozone, density)
     use_f = "factors" in config.components
     shared = SharedFactors(root_shoot=r, root_shoot_sd=r * config.root_shoot_rel_sd if use_f else 0.0,
                            carbon_fraction=(cf_group[0], cf_group[1]),
