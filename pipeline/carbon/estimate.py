@@ -531,13 +531,15 @@ def _uncertainty_statement(config: CarbonConfig, hd: al.HeightDiameterModel, n_a
     """What the interval includes and what it does not (summary.json, report.html)."""
     comp = config.components
     inc = []
+    measured = n - n_allo
     if "measurement" in comp:
-        inc.append(f"per-tree height ({config.height_rel_sd:.0%}) and crown-diameter "
-                   f"({config.crown_diameter_rel_sd:.0%}) measurement error")
+        height = f"per-tree height ({config.height_rel_sd:.0%}) and " if measured else "per-tree "
+        inc.append(f"{height}crown-diameter ({config.crown_diameter_rel_sd:.0%}) measurement error")
     if "systematic" in comp:
-        inc.append(f"a systematic height bias of the run (SD {config.height_bias_rel_sd:.0%}) and "
-                   f"crown-diameter bias of the segmentation (SD {config.crown_diameter_bias_rel_sd:.0%}), "
-                   "shared by all trees")
+        height = f"a systematic height bias of the run (SD {config.height_bias_rel_sd:.0%}) and " if measured \
+            else "a systematic "
+        inc.append(f"{height}crown-diameter bias of the segmentation (SD {config.crown_diameter_bias_rel_sd:.0%}"
+                   "), shared by all trees")
         if n_allo:
             inc.append(f"the site's height-diameter shift for allometric heights (SD {hd.shared_sd_log:g} on "
                        "ln H), shared")
