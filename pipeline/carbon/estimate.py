@@ -536,10 +536,11 @@ def _uncertainty_statement(config: CarbonConfig, hd: al.HeightDiameterModel, n_a
         height = f"per-tree height ({config.height_rel_sd:.0%}) and " if measured else "per-tree "
         inc.append(f"{height}crown-diameter ({config.crown_diameter_rel_sd:.0%}) measurement error")
     if "systematic" in comp:
-        height = f"a systematic height bias of the run (SD {config.height_bias_rel_sd:.0%}) and " if measured \
-            else "a systematic "
-        inc.append(f"{height}crown-diameter bias of the segmentation (SD {config.crown_diameter_bias_rel_sd:.0%}"
-                   "), shared by all trees")
+        height = "a systematic "
+        if measured:
+            height = f"a systematic height bias of the run (SD {config.height_bias_rel_sd:.0%}) and "
+        cd_sd = config.crown_diameter_bias_rel_sd
+        inc.append(f"{height}crown-diameter bias of the segmentation (SD {cd_sd:.0%}), shared by all trees")
         if n_allo:
             inc.append(f"the site's height-diameter shift for allometric heights (SD {hd.shared_sd_log:g} on "
                        "ln H), shared")
