@@ -6,6 +6,10 @@ allometry, and compare the AGB per 1-ha plot and in total with the truth.
 The scene has a CHM, so heights come from it; crowns are the crown model's detections (default models), so
 the error includes crown omission, commission and merging, which the Monte Carlo does not model.
 ``--truth-crowns`` instead hands the truth outlines to the carbon stage, isolating the carbon chain.
+
+The truth here comes from the same point allometry as the estimate, so this check cannot find an interval
+that is too narrow: ``python -m bench.bench_carbon_coverage`` (``pipeline.carbon.coverage``) draws the truth
+from the stated uncertainties plus misspecifications (issue 17) and measures the interval's coverage.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ report. Orchestration only: every task is one call into ``models`` (needs the ``
 - report: the results JSON of ``models.compression.crown_study`` plus ``models.compression.report``
 
 Each step is cached on the identity of its inputs (files by path + size + mtime, ONNX models by sha256)
-and its parameters; results live in ``<out>/.cache``, so a rerun only does what changed.
+and its parameters; results live in ``flows.settings.result_dir`` (never inside the output folder: Prefect
+pickles them), so a rerun only does what changed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prefect import flow, task, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.inventory import _package_version, file_identity, retry_on_transient_io
+from flows.settings import result_dir
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
 
@@ -139,7 +141,7 @@ def compress_flow(out: str = "out/compress", checkpoint: str | None = None,
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = {"result_storage": out_dir.resolve() / ".cache"}
+    storage = {"result_storage": result_dir("compress", out_dir)}
     if checkpoint is None:
         if train_config is None:
             raise InputError("compress_flow needs a checkpoint or a train_config: pass checkpoint=PATH.pt")

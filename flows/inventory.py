@@ -5,9 +5,12 @@ Orchestration only. Every task calls one ``pipeline.inventory`` stage (the same 
 give identical outputs.
 
 - Cache: each task's key is the run identity (input files by path + size + mtime, ONNX models by sha256,
-  every other parameter by value, the package version) plus the stage name, never a hash of gigabytes of
-  imagery. Results live in ``<out>/.work/cache``, next to the outputs they describe: deleting the output
-  folder deletes the cache; a cached stage whose files have gone is run again.
+  every other parameter by value, the package version and a sha256 of the source and data files of
+  ``pipeline/`` and ``flows/``, so a code change recomputes) plus the stage name, never a hash of gigabytes
+  of imagery. Prefect persists task results with pickle, so they live OUTSIDE the output folder
+  (``flows.settings.result_dir``: ``~/.cache/forest-inventory/prefect-results/inventory/<hash of the output
+  path>``, or under ``$FOREST_INVENTORY_RESULTS``): a tampered or shared output folder holds no pickle to
+  load. A cached stage whose files have gone is run again.
 - Resume: ``infer_group`` persists each group's crowns under ``<out>/.work/groups/`` and reuses an existing
   file, so a killed run picks up from the groups it finished (the state is in the output folder, not in
   Prefect's database).
@@ -29,7 +32,7 @@ from prefect import flow, task, unmapped
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner, task_runner_from_env
+from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner, result_dir, task_runner_from_env
 from pipeline import inventory as stages
 from pipeline.errors import InputError, InventoryError
 
@@ -112,9 +115,18 @@ def _looks_like_file(text: str) -> bool:
 _FILE_SUFFIXES = {".tif", ".tiff", ".vrt", ".onnx", ".gpkg", ".geojson", ".json", ".shp", ".csv", ".parquet"}
 
 
+def code_identity() -> str:
+    """sha256 of the source and data files of ``pipeline/`` and ``flows/`` (see
+    ``pipeline.inventory.source_sha256``)."""
+    import pipeline
+
+    return stages.source_sha256((Path(pipeline.__file__).resolve().parent, Path(__file__).resolve().parent))
+
+
 def run_identity(config: Any) -> str:
-    """Hex digest naming one inventory run: input identities, model sha256s, parameters, code version."""
-    doc = {"config": _identity_of(config), "version": _package_version()}
+    """Hex digest naming one inventory run: input identities, model sha256s, parameters, code version and
+    the hash of the code itself."""
+    doc = {"config": _identity_of(config), "version": _package_version(), "code": code_identity()}
     text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -179,8 +191,9 @@ _TASK_OPTIONS: dict[str, Any] = {
 
 
 def cache_dir(out: str | os.PathLike) -> Path:
-    """Where the flow's task results live: ``<out>/.work/cache``."""
-    return Path(out).expanduser().resolve() / ".work" / "cache"
+    """Where the flow's task results (pickles) live: ``flows.settings.result_dir("inventory", out)``, never
+    inside ``out``."""
+    return result_dir("inventory", out)
 
 
 @task(name="validate", **_TASK_OPTIONS)

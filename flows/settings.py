@@ -59,6 +59,34 @@ def _project_home(project_dir: str | os.PathLike | None) -> Path:
     return base.expanduser().resolve() / ".prefect"
 
 
+def results_home() -> Path:
+    """Root of the flows' task results: ``$FOREST_INVENTORY_RESULTS``, else
+    ``$XDG_CACHE_HOME/forest-inventory/prefect-results`` (``~/.cache/...``). Not the Prefect home: batch and
+    serve put that inside their output folder."""
+    explicit = os.environ.get("FOREST_INVENTORY_RESULTS")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return (cache / "forest-inventory" / "prefect-results").resolve()
+
+
+def result_dir(kind: str, out: str | os.PathLike) -> Path:
+    """Where a flow's task results (Prefect pickles them) live: under :func:`results_home`, never inside the
+    output folder ``out`` (a tampered or shared output folder must hold nothing that runs code on load):
+    ``<results_home>/<kind>/<sha256 of the resolved output path, 16 hex>``."""
+    import hashlib
+
+    out_path = Path(out).expanduser().resolve()
+    home = results_home()
+    folder = home / kind / hashlib.sha256(str(out_path).encode()).hexdigest()[:16]
+    if folder == out_path or out_path in folder.parents:
+        from pipeline.errors import InputError
+
+        raise InputError(f"{out}: the output folder holds the flows' result store ({home}); pass another "
+                         "output folder or set FOREST_INVENTORY_RESULTS elsewhere")
+    return folder
+
+
 def default_environment(project_dir: str | os.PathLike | None = None,
                         thread_workers: int = DEFAULT_THREAD_WORKERS,
                         log_to_api: bool = True) -> dict[str, str]:

@@ -75,6 +75,24 @@ def parse_bands(text: str) -> tuple[int, ...]:
     return bands
 
 
+def height_diameter_options(hd_e: float | None, hd_local: str | None) -> dict[str, Any]:
+    """CarbonConfig fields from ``--hd-e`` and ``--hd-local a,b,c,rse``."""
+    options: dict[str, Any] = {}
+    if hd_e is not None:
+        options["hd_environmental_stress_e"] = float(hd_e)
+    if hd_local:
+        try:
+            values = [float(v) for v in hd_local.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise InputError(f"--hd-local {hd_local!r} needs four numbers a,b,c,rse "
+                             "(ln H = a + b ln D + c (ln D)^2), e.g. --hd-local 0.9,0.7,0,0.2")
+        options["hd_model"] = "local"
+        options["hd_local"] = dict(zip(("a", "b", "c", "rse"), values, strict=True))
+    return options
+
+
 # --- commands: inventory (run) ---
 
 
@@ -85,7 +103,8 @@ def run_cmd(
     out: str = typer.Option(..., "--out", help="Output folder (created; rerunning resumes unfinished work)."),
     chm: str = typer.Option(None, "--chm", help="Canopy height model (any CRS/resolution), m."),
     dtm: str = typer.Option(None, "--dtm", help="Digital terrain model, with --dsm: height = DSM - DTM."),
-    dsm: str = typer.Option(None, "--dsm", help="Digital surface model (needs --dtm)."),
+    dsm: str = typer.Option(None, "--dsm", help="Digital surface model; alone, the ground comes from its "
+                            "gaps between crowns (interpolated)."),
     crown_model: str = typer.Option(None, "--crown-model", help="Crown ONNX model [models/zoo/crowns.onnx]."),
     species_model: str = typer.Option(None, "--species-model",
                                       help="Species ONNX model [models/zoo/species.onnx when present]."),
@@ -99,6 +118,10 @@ def run_cmd(
     batch_size: int = typer.Option(1, "--batch-size", help="Tiles per ONNX call (more: more memory)."),
     tta: bool = typer.Option(False, "--tta", help="Average the crown model over 4 flipped/rotated views "
                              "of each tile (4x segmentation time)."),
+    hd_e: float = typer.Option(None, "--hd-e", help="Chave 2014 E of the site (heights without CHM/DSM); "
+                               "unset: E 0 with SD 0.5 in the interval."),
+    hd_local: str = typer.Option(None, "--hd-local", help="Local height-diameter fit a,b,c,rse: "
+                                 "ln H = a + b ln D + c (ln D)^2 (H m, D cm), residual SD rse."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
@@ -112,7 +135,7 @@ def run_cmd(
                              species_model=species_model, use_species_model=not no_species,
                              bands=parse_bands(bands) if bands else None, crs=crs, threads=threads,
                              seed=seed, plots=plots,
-                             batch_size=batch_size, tta=tta)
+                             batch_size=batch_size, tta=tta, carbon=height_diameter_options(hd_e, hd_local))
     console = Console(stderr=True)
     labels = {"tiles": "segmenting tiles", "attributes": "species and height",
               "carbon": "carbon (Monte Carlo)", "outputs": "writing outputs"}
@@ -135,11 +158,16 @@ def run_cmd(
             ("trees per ha", f"{summary['trees_per_ha']:.1f}"), ("AGB", f"{summary['agb_t']:.2f} t"),
             ("carbon", f"{summary['carbon_t']:.2f} t C"),
             ("CO2e", f"{summary['co2e_t']:.2f} t (90% CI {ci[0]:.2f} to {ci[1]:.2f})"),
+            ("heights", "ALLOMETRIC (no CHM/DSM): see the warning below"
+             if any("ALLOMETRIC" in w for w in summary.get("warnings") or []) else
+             ", ".join(sorted(summary.get("height_inputs") or {})) or "-"),
             ("CRS / GSD", f"{summary['crs']} / {summary['gsd_m']:.3f} m"),
             ("time", f"{summary['elapsed_s']:.1f} s"), ("outputs", str(out))]
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+    for warning in summary.get("warnings") or []:  # loud: allometric heights, detection error not included
+        console.print(f"[bold red]warning:[/] {warning}")
 
 
 # --- commands: synth ---
@@ -148,7 +176,8 @@ def run_cmd(
 @app.command("synth")
 @handle_errors
 def synth_cmd(
-    out: str = typer.Option(..., "--out", help="Output folder (ortho.tif, chm.tif, truth.gpkg, scene.json)."),
+    out: str = typer.Option(..., "--out", help="Output folder (ortho.tif, chm.tif, dsm.tif, truth.gpkg, "
+                            "scene.json)."),
     size_m: float = typer.Option(500.0, "--size-m", help="Scene edge in metres (square scene)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same scene."),
     gsd_m: float = typer.Option(0.1, "--gsd-m", help="Ground sample distance in metres per pixel."),
@@ -168,7 +197,7 @@ def synth_cmd(
                            crown_style=crown_style)
     typer.echo(f"{files.n_trees} trees, {size_m:g} m x {size_m:g} m at {gsd_m:g} m ({files.crs}) "
                f"in {time.perf_counter() - t0:.1f} s")
-    for path in (files.ortho, files.chm, files.truth, files.meta):
+    for path in (files.ortho, files.chm, files.dsm, files.truth, files.meta):
         typer.echo(f"  {path}")
 
 

@@ -1,8 +1,12 @@
-"""Crown heights from a canopy height model (or DSM minus DTM) in any CRS and resolution.
+"""Crown heights from a canopy height model (or DSM minus DTM, or a DSM alone) in any CRS and resolution.
 
 The height raster is warped lazily (``WarpedVRT``, bilinear) onto a grid in the crowns' CRS covering the
 crowns, and read one chunk (``chunk_m`` square) at a time; crowns are rasterised onto each chunk and the
 95th percentile of the heights inside each crown is computed in one vectorised pass (sort by label).
+
+A DSM without a DTM: the ground comes from the DSM itself (``ground_from_dsm``: the DSM's minima on a 1 m
+grid, a morphological opening wider than the largest crown, the cells that the opening leaves in place taken
+as ground (the gaps between crowns), linear interpolation between them), the usual photogrammetry step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from pipeline.errors import InputError
 from pipeline.memory import release_free_heap
 
 PERCENTILE = 95.0
+GROUND_CELL_M = 1.0  # grid of the DSM-derived ground (DSM minima per cell)
+GROUND_WINDOW_M = 25.0  # opening window: wider than the largest crown
+GROUND_TOL_M = 0.5  # a cell within this of the opening is ground (a gap between crowns)
 
 
 def open_height_raster(path: str | os.PathLike, what: str = "CHM") -> rasterio.DatasetReader:
@@ -93,29 +100,131 @@ def labelled_percentile(labels: np.ndarray, values: np.ndarray, n_labels: int,
     return out
 
 
+def ground_from_dsm(dsm_m: np.ndarray, cell_m: float = GROUND_CELL_M, window_m: float = GROUND_WINDOW_M,
+                    tol_m: float = GROUND_TOL_M, max_rounds: int = 4) -> np.ndarray:
+    """Ground elevation (m) on the grid of ``dsm_m`` (a DSM of cell minima, NaN = no data; cell ``cell_m``).
+
+    The morphological opening (minimum then maximum filter, ``window_m`` square) removes everything narrower
+    than the window (crowns) and keeps planar slopes; cells whose DSM lies within ``tol_m`` of it are ground
+    (gaps), and the ground between them is interpolated (``fill_from_cells``), never above the DSM; cells
+    within ``tol_m`` of that ground join it (up to ``max_rounds`` rounds: crests that the
+    opening cut). Under a closed canopy wider than the window the ground comes from the nearest gaps.
+    """
+    from scipy import ndimage
+
+    dsm = np.asarray(dsm_m, dtype=np.float64)
+    valid = np.isfinite(dsm)
+    if not valid.any():
+        return np.full(dsm.shape, np.nan)
+    filled = np.where(valid, dsm, np.nanmax(dsm))  # no-data cells never become minima
+    k = max(3, int(round(window_m / cell_m)) | 1)
+    opened = ndimage.grey_opening(filled, size=(k, k))
+    ground_cells = valid & (dsm - opened <= tol_m)
+    if ground_cells.sum() < 3:
+        return np.minimum(opened, filled)
+    def interpolate(cells: np.ndarray) -> np.ndarray:
+        return np.minimum(fill_from_cells(dsm, cells), filled)
+
+    ground = interpolate(ground_cells)
+    # densify: the opening cuts convex relief (crests); cells within tol_m of the interpolated ground are
+    # ground too (crowns stand metres above it), a few rounds of progressive densification
+    for _ in range(max_rounds):
+        more = valid & ~ground_cells & (dsm - ground <= tol_m)
+        if not more.any():
+            break
+        ground_cells |= more
+        ground = interpolate(ground_cells)
+    return ground
+
+
+def fill_from_cells(values: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """``values`` where ``cells`` is True, interpolated elsewhere: a least-squares plane through the cells
+    plus their residuals spread by normalised Gaussian convolution at growing scales (1, 2, 4, ... cells;
+    what is left, the nearest cell's residual). Linear cost in the grid size; exact on a plane."""
+    from scipy import ndimage
+
+    rows, cols = np.nonzero(cells)
+    v = values[cells]
+    design = np.column_stack([np.ones(v.size), rows, cols])
+    coef = np.linalg.lstsq(design, v, rcond=None)[0]
+    gr, gc = np.mgrid[: values.shape[0], : values.shape[1]]
+    plane = coef[0] + coef[1] * gr + coef[2] * gc
+    resid = np.where(cells, values - plane, 0.0)
+    out = np.where(cells, resid, np.nan)
+    done = cells.copy()
+    weight = cells.astype(np.float64)
+    sigma = 1.0
+    while not done.all() and sigma <= max(values.shape):
+        num = ndimage.gaussian_filter(resid, sigma, mode="nearest")
+        den = ndimage.gaussian_filter(weight, sigma, mode="nearest")
+        ok = ~done & (den > 1e-3)
+        out[ok] = num[ok] / den[ok]
+        done |= ok
+        sigma *= 2.0
+    if not done.all():
+        idx = ndimage.distance_transform_edt(~cells, return_distances=False, return_indices=True)
+        out[~done] = resid[idx[0][~done], idx[1][~done]]
+    return plane + out
+
+
+def _dsm_ground_grid(dsm_src: rasterio.DatasetReader, crs: CRS, bounds: tuple[float, float, float, float],
+                     cell_m: float = GROUND_CELL_M, margin_m: float = GROUND_WINDOW_M
+                     ) -> tuple[np.ndarray, Affine]:
+    """The DSM-derived ground (m) on a ``cell_m`` grid in ``crs`` covering ``bounds`` plus a margin."""
+    left, bottom, right, top = bounds
+    # at most about a million cells: 1 m up to 1 km², coarser above (Delaunay interpolation cost)
+    cell_m = max(cell_m, math.sqrt((right - left + 2 * margin_m) * (top - bottom + 2 * margin_m) / 1e6))
+    left = math.floor((left - margin_m) / cell_m) * cell_m
+    top = math.ceil((top + margin_m) / cell_m) * cell_m
+    width = max(1, math.ceil((right + margin_m - left) / cell_m))
+    height = max(1, math.ceil((top - bottom + margin_m) / cell_m))
+    grid = Affine(cell_m, 0.0, left, 0.0, -cell_m, top)
+    with WarpedVRT(dsm_src, crs=crs, transform=grid, width=width, height=height, dtype="float32",
+                   nodata=np.nan, resampling=Resampling.min) as vrt:
+        minima = vrt.read(1).astype(np.float64)
+    return ground_from_dsm(minima, cell_m), grid
+
+
+def _sample_grid(values: np.ndarray, grid: Affine, target: Affine, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear sample of ``values`` (on ``grid``) at the pixel centres of ``target`` / ``shape``."""
+    from scipy import ndimage
+
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    xs = target.c + (cols + 0.5) * target.a
+    ys = target.f + (rows + 0.5) * target.e
+    fc = (xs - grid.c) / grid.a - 0.5
+    fr = (ys - grid.f) / grid.e - 0.5
+    return ndimage.map_coordinates(values, [fr, fc], order=1, mode="nearest").astype(np.float32)
+
+
 def crown_heights(crowns_gdf: gpd.GeoDataFrame, chm: str | os.PathLike | None = None,
                   dsm: str | os.PathLike | None = None, dtm: str | os.PathLike | None = None,
                   chunk_m: float = 100.0) -> tuple[np.ndarray, str]:
-    """95th-percentile height (m) inside each crown, and the source (``chm``, ``dsm-dtm`` or ``none``).
+    """95th-percentile height (m) inside each crown, and the source (``chm``, ``dsm-dtm``, ``dsm-ground``
+    (a DSM alone: ground derived from it, see ``ground_from_dsm``) or ``none``).
 
     ``crowns_gdf`` must be in a metric projected CRS (the engine's working CRS). Crowns too small to cover a
     height pixel centre take the value under their centroid; crowns off the raster get NaN."""
     n = len(crowns_gdf)
-    if chm is None and (dsm is None or dtm is None):
-        if (dsm is None) != (dtm is None):
-            raise InputError("heights from a DSM need a DTM as well: pass both --dsm and --dtm (or --chm)")
+    if chm is None and dsm is None:
+        if dtm is not None:
+            raise InputError("a DTM alone gives no heights: pass --dsm with it (or --chm)")
         return np.full(n, np.nan), "none"
-    source = "chm" if chm is not None else "dsm-dtm"
+    source = "chm" if chm is not None else "dsm-dtm" if dtm is not None else "dsm-ground"
     heights = np.full(n, np.nan)
     if n == 0:
         return heights, source
     crs = CRS.from_user_input(crowns_gdf.crs)
     with ExitStack() as stack:
+        ground = None
         if chm is not None:
             rasters = [stack.enter_context(open_height_raster(chm, "CHM"))]
-        else:
+        elif dtm is not None:
             rasters = [stack.enter_context(open_height_raster(dsm, "DSM")),
                        stack.enter_context(open_height_raster(dtm, "DTM"))]
+        else:
+            rasters = [stack.enter_context(open_height_raster(dsm, "DSM"))]
+            ground = _dsm_ground_grid(rasters[0], crs, tuple(crowns_gdf.total_bounds))
         res = min(native_resolution_m(r, crs) for r in rasters)
         res = min(max(res, 0.2), 0.5)  # 0.2-0.5 m: small crowns hold several samples, big scenes stay fast
         left, bottom, right, top = crowns_gdf.total_bounds
@@ -139,8 +248,10 @@ def crown_heights(crowns_gdf: gpd.GeoDataFrame, chm: str | os.PathLike | None = 
             r1 = min(height, int(math.ceil((top - b[:, 1].min()) / res)) + 1)
             win = Window(c0, r0, c1 - c0, r1 - r0)
             layers = [_read_valid(v, win) for v in vrts]
-            values = layers[0] if len(layers) == 1 else np.maximum(layers[0] - layers[1], 0.0)
             wt = grid @ Affine.translation(c0, r0)
+            if ground is not None:
+                layers.append(_sample_grid(ground[0], ground[1], wt, layers[0].shape))
+            values = layers[0] if len(layers) == 1 else np.maximum(layers[0] - layers[1], 0.0)
             labels = rasterio.features.rasterize(
                 ((geoms[i], k + 1) for k, i in enumerate(idx)), out_shape=values.shape, transform=wt,
                 fill=0, dtype="int32")

@@ -168,6 +168,32 @@ def _shared_model(path: Path, threads: int | None, task: str) -> OnnxModel:
         return _MODELS[key]
 
 
+_SOURCE_MEMO: dict[tuple, str] = {}
+
+
+def source_sha256(roots: tuple[Path, ...] | None = None) -> str:
+    """sha256 of the code and data the results depend on: every ``*.py`` and ``carbon/data`` file of the
+    ``pipeline`` package (or of ``roots``), by relative path and content; memoised by (path, size, mtime).
+
+    Part of the resume fingerprint and of the flow's cache key, so a code change recomputes (issue 17)."""
+    roots = roots or (Path(pipeline.__file__).resolve().parent,)
+    files = []
+    for root in roots:
+        files += [(root, p) for p in sorted(root.rglob("*"))
+                  if p.is_file() and "__pycache__" not in p.parts
+                  and (p.suffix == ".py" or "data" in p.relative_to(root).parts)]
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for _, p in files)
+    if stamp in _SOURCE_MEMO:
+        return _SOURCE_MEMO[stamp]
+    digest = hashlib.sha256()
+    for root, path in files:
+        digest.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    _SOURCE_MEMO[stamp] = digest.hexdigest()
+    return _SOURCE_MEMO[stamp]
+
+
 def _file_fingerprint(path: Path | None) -> list:
     if path is None:
         return []
@@ -239,13 +265,14 @@ def validate(config: InventoryConfig) -> RunPlan:
     species = _shared_model(species_path, cfg.threads, SPECIES_TASK) if species_path else None
     for path, flag in ((cfg.chm, "--chm"), (cfg.dsm, "--dsm"), (cfg.dtm, "--dtm"), (cfg.plots, "--plots")):
         _check_exists(path, flag)
-    if (cfg.dsm is None) != (cfg.dtm is None) and cfg.chm is None:
-        raise InputError("heights from a DSM need a DTM as well: pass both --dsm and --dtm (or --chm)")
+    if cfg.dtm is not None and cfg.dsm is None and cfg.chm is None:
+        raise InputError("a DTM alone gives no heights: pass --dsm with it (or --chm)")
     for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
         if path is not None:
             open_height_raster(path, what).close()
     if cfg.plots is not None:
         _read_plots(cfg.plots)
+    _detection_calibration(crown_path, crown.meta)  # a malformed calibration fails here, not after inference
     # with test-time augmentation the probabilities are averages: the model's TTA thresholds when it has them
     pp = dict(postprocess_kwargs(crown.meta.postprocess_tta if cfg.tta and crown.meta.postprocess_tta
                                  else crown.meta.postprocess))
@@ -266,7 +293,7 @@ def validate(config: InventoryConfig) -> RunPlan:
     fp_doc = {"ortho": _file_fingerprint(cfg.ortho), "crown": crown.sha256, "bands": list(cfg.bands),
               "crs": cfg.crs, "chm": _file_fingerprint(cfg.chm), "dsm": _file_fingerprint(cfg.dsm),
               "dtm": _file_fingerprint(cfg.dtm), "postprocess": pp, "tiles_per_group": cfg.tiles_per_group,
-              "version": pipeline.__version__, **({"tta": True} if cfg.tta else {})}
+              "version": pipeline.__version__, "code": source_sha256(), **({"tta": True} if cfg.tta else {})}
     fingerprint = hashlib.sha256(json.dumps(fp_doc, sort_keys=True).encode()).hexdigest()[:16]
     try:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,8 +319,22 @@ def validate(config: InventoryConfig) -> RunPlan:
                    postprocess=pp, tiles=tiles, groups=groups, fingerprint=fingerprint, **grid)
 
 
+def _detection_calibration(path: Path, meta: ModelMeta) -> dict[str, Any] | None:
+    """The crown model's ``detection_calibration`` metadata (JSON, ARCHITECTURE.md), checked; None without."""
+    from pipeline.carbon.detection import validate_detection_calibration
+
+    text = (meta.raw or {}).get("detection_calibration")
+    if not text:
+        return None
+    try:
+        return {**validate_detection_calibration(text), "source": f"crown model {path.name}"}
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
 def _heights_for_tile(plan: RunPlan, ortho: Ortho, tile: Tile, handles: dict) -> np.ndarray | None:
-    """CHM (or DSM - DTM) warped onto the tile's grid, for CHM-maxima seeds; None without one."""
+    """CHM (or DSM - DTM) warped onto the tile's grid, for CHM-maxima seeds; None without one (a DSM alone
+    gives heights per crown, from its derived ground, but no seeds)."""
     from pipeline.height import open_height_raster, read_on_grid
 
     cfg = plan.config
@@ -491,7 +532,8 @@ def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
     extra = dict(plan.config.carbon)
     fields = getattr(CarbonConfig, "__dataclass_fields__", {})
     defaults = {"seed": plan.config.seed, "threads": plan.config.threads,
-                "area_ha": group_stats(plan)["valid_area_m2"] / 10_000.0 or None}
+                "area_ha": group_stats(plan)["valid_area_m2"] / 10_000.0 or None,
+                "detection_calibration": _detection_calibration(plan.crown_model_path, plan.crown_meta)}
     if trees.attrs.get("species_classes"):
         defaults["species_probs"] = trees.attrs.get("species_probs")
         defaults["species_classes"] = trees.attrs.get("species_classes")
@@ -553,6 +595,7 @@ def build_summary(plan: RunPlan, result: Any, n_trees: int) -> dict[str, Any]:
         "elapsed_s": time.time() - plan.started,
         "version": pipeline.__version__,
         "agb_t_sd": _num(total.get("agb_t_sd")),
+        "agb_t_ci90": [_num(total.get("agb_t_ci90_low")), _num(total.get("agb_t_ci90_high"))],
         "co2e_t_sd": _num(total.get("co2e_t_sd")),
         "co2e_t_ci95": [_num(total.get("co2e_t_ci95_low")), _num(total.get("co2e_t_ci95_high"))],
         "co2e_halfwidth90_pct": _num(total.get("co2e_halfwidth90_pct")),
@@ -571,6 +614,11 @@ def build_summary(plan: RunPlan, result: Any, n_trees: int) -> dict[str, Any]:
     }
     if standards is not None:
         summary["standards"] = _jsonable(standards)
+    uncertainty = getattr(result, "uncertainty", None) or {}
+    summary["warnings"] = list(getattr(result, "warnings", None) or [])
+    summary["detection_error"] = _jsonable(uncertainty.get("detection", {"included": False}))
+    if uncertainty.get("total_with_detection"):
+        summary["total_with_detection"] = _jsonable(uncertainty["total_with_detection"])
     if callable(getattr(result, "summary", None)):
         carbon = _jsonable(result.summary())
         carbon.pop("total", None)

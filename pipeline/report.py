@@ -41,6 +41,7 @@ th{background:#eef2ec}td.n{text-align:right;font-variant-numeric:tabular-nums}
 figure{background:#fff;border:1px solid #dde3dc;border-radius:8px;margin:0;padding:8px}
 figcaption{font-size:.85em;color:#5a6760;margin-top:4px;max-width:480px}
 .note{background:#fff8e6;border-left:4px solid #d08c2e;padding:8px 12px;font-size:.9em}
+.warn{background:#fde8e6;border-left:4px solid #b3261e;padding:8px 12px;font-weight:600}
 svg text{font-family:inherit}
 """
 
@@ -353,6 +354,40 @@ def _factors_section(trees: pd.DataFrame, carbon: Any) -> str:
     return "".join(parts)
 
 
+def _interval_section(summary: dict, carbon: Any) -> str:
+    """'What this interval includes and what it does not', and the models used (names, versions, sha256)."""
+    unc = dict(getattr(carbon, "uncertainty", None) or (summary.get("carbon") or {}).get("uncertainty") or {})
+    inc = unc.get("includes") or []
+    exc = unc.get("excludes") or []
+    det = unc.get("detection") or summary.get("detection_error") or {}
+    parts = ["<p>Included in the Monte Carlo interval:</p><ul>"
+             + "".join(f"<li>{_e(x)}</li>" for x in inc) + "</ul>" if inc else "",
+             "<p>Not included:</p><ul>" + "".join(f"<li>{_e(x)}</li>" for x in exc) + "</ul>" if exc else ""]
+    adj = unc.get("total_with_detection") or summary.get("total_with_detection")
+    if det.get("included") and adj:
+        parts.append(f"<p><b>Detection error:</b> {_e(det.get('note'))}. With it, CO2e "
+                     f"{_fmt(adj.get('co2e_t'))} t (90% interval {_fmt(adj.get('co2e_t_ci90_low'))} – "
+                     f"{_fmt(adj.get('co2e_t_ci90_high'))} t); the standards' deductions above use this "
+                     "interval.</p>")
+    else:
+        parts.append("<p class='warn'><b>Detection error is not in the interval</b>: missed, false and "
+                     "merged crowns are usually the largest error of a drone inventory. The crown model "
+                     "carries no detection calibration; assess it with "
+                     "<code>forest-inventory evaluate</code> on reference plots before using these "
+                     "numbers.</p>")
+    models = []
+    for key in ("crown_model", "species_model"):
+        m = summary.get(key)
+        if isinstance(m, dict):
+            models.append((key.replace("_", " "), f"{m.get('path')} (version {m.get('version')})"))
+    for name, sha in (summary.get("models") or {}).items():
+        models.append((f"{name} sha256", str(sha)))
+    if models:
+        parts.append("<p>Models used:</p><table><tr><th>model</th><th>file, version</th></tr>"
+                     + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in models) + "</table>")
+    return "".join(parts) or "<p>Not computed.</p>"
+
+
 def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None, grid=None,
                   carbon: Any = None, title: str = "Forest carbon inventory", cell_m: float = 100.0) -> str:
     """The report as one HTML string (see ``write_report``)."""
@@ -454,6 +489,10 @@ def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None
             cols = [(name, name)] + cols
         tables.append(f"<h3>per {_e(name)}</h3>" + _table(g, cols, 30 if name == "cell" else 50))
 
+    interval_html = _interval_section(summary, carbon)
+    warnings = list(summary.get("warnings") or getattr(carbon, "warnings", None) or [])
+    warn_html = "".join(f"<p class='warn'>{_e(w)}</p>" for w in warnings)
+
     sens = getattr(carbon, "sensitivity", None) or {}
     sens_html = ""
     if sens:
@@ -466,7 +505,10 @@ def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None
 <main>
 <h1>{_e(title)}</h1>
 <p class="meta">{meta_html}</p>
+{warn_html}
 <div class="cards">{card_html}</div>
+<h2>What this interval includes and what it does not</h2>
+{interval_html}
 <h2>Conservative CO2e under the standards</h2>
 {std_html}
 <h2>Charts</h2>
@@ -479,11 +521,14 @@ def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None
 <p>Per tree: crown diameter from the crown polygon; height from the canopy height model (or, without one,
 from a height-diameter model iterated with the crown allometry, flagged low confidence); stem diameter from
 height and crown diameter; aboveground biomass (AGB); belowground biomass from the root-to-shoot ratio;
-carbon and CO2e. Uncertainty by Monte Carlo: crown-diameter and height errors, the allometric residuals
-(log scale, centred so that the bias correction inside the published intercepts is not applied twice),
-allometric parameter error (one draw per iteration shared by all trees, so it does not average out),
-wood density SD, species drawn from the classifier probabilities when available, and the carbon fraction
-and root-to-shoot ratio (one draw per iteration).</p>
+carbon and CO2e. Totals and tables are sums of the per-tree point estimates (they add up with the tree
+files); the Monte Carlo gives the SDs and intervals: crown-diameter and height errors per tree and a
+systematic height and crown-diameter bias of the run, the allometric residuals (log scale; the bias
+correction inside the published intercepts is not applied twice), allometric parameter error, the wood
+density of each species (shared by its trees) and of each tree, species drawn from the classifier
+probabilities when available (wood density and carbon fraction follow the drawn species), the carbon
+fraction and root-to-shoot ratio, and, when the crown model carries a calibration, the detection error.
+Shared errors are drawn once per iteration, so they do not average out.</p>
 {_factors_section(trees, carbon)}
 <p class="meta">Self-contained report: no scripts, fonts or images are loaded from elsewhere.</p>
 </main>"""

@@ -82,7 +82,7 @@ _N_VERTICES = 48
 
 @dataclass(frozen=True)
 class SceneFiles:
-    """Paths of a generated scene (all in ``crs``; ortho and CHM share one grid)."""
+    """Paths of a generated scene (all in ``crs``; ortho, CHM and DSM share one grid)."""
 
     ortho: Path
     chm: Path
@@ -92,6 +92,21 @@ class SceneFiles:
     crs: str
     gsd_m: float
     size_m: float
+    dsm: Path | None = None  # ground with relief (``ground_elevation_m``) plus the canopy, m
+
+
+def ground_elevation_m(x_m: np.ndarray, y_m: np.ndarray, seed: int,
+                       origin: tuple[float, float]) -> np.ndarray:
+    """Terrain of a generated scene (m): 30 m plus a tilt of up to 4 % and two waves of 1-2 m (slopes up
+    to about 10 %), a pure function of the seed and map coordinates."""
+    rng = np.random.default_rng([seed, 23])
+    gx, gy = rng.uniform(-0.04, 0.04, 2)
+    a1, a2 = rng.uniform(1.0, 2.0, 2)
+    l1, l2 = rng.uniform(90.0, 160.0, 2)
+    p1, p2 = rng.uniform(0, 2 * np.pi, 2)
+    dx, dy = np.asarray(x_m, dtype=float) - origin[0], origin[1] - np.asarray(y_m, dtype=float)
+    return (30.0 + gx * dx + gy * dy + a1 * np.sin(2 * np.pi * dx / l1 + p1)
+            + a2 * np.sin(2 * np.pi * dy / l2 + p2))
 
 
 # --------------------------------------------------------------------------------------------- hashing noise
@@ -652,7 +667,8 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
                    window_px: int = 1024, block_m: float = 50.0, trees_per_ha_candidates: float = 900.0,
                    overlap: float = 0.65, logs_per_ha: float = 12.0, compress: str = "deflate",
                    biome: str = "temperate", crown_style: str = "smooth") -> SceneFiles:
-    """Write ortho.tif (RGB uint8), chm.tif (float32, m), truth.gpkg and scene.json in ``out_dir``.
+    """Write ortho.tif (RGB uint8), chm.tif (float32, m), dsm.tif (float32, m: ``ground_elevation_m`` plus
+    the canopy), truth.gpkg and scene.json in ``out_dir``.
 
     ``origin`` is the upper-left corner (easting, northing) in metres of ``crs`` (must be projected).
     ``compress`` is ``deflate`` (lossless, default) or ``jpeg`` (quality 90, smaller and closer to drone
@@ -708,13 +724,15 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
         ortho_prof.update(compress="deflate", predictor=2)
     chm_prof = dict(common, count=1, dtype="float32", compress="deflate", predictor=3, nodata=-9999.0)
 
-    ortho_path, chm_path = out / "ortho.tif", out / "chm.tif"
-    with atomic_path(ortho_path) as t_ortho, atomic_path(chm_path) as t_chm:
+    ortho_path, chm_path, dsm_path = out / "ortho.tif", out / "chm.tif", out / "dsm.tif"
+    with atomic_path(ortho_path) as t_ortho, atomic_path(chm_path) as t_chm, atomic_path(dsm_path) as t_dsm:
         with rasterio.open(t_ortho, "w", **ortho_prof) as dst_o, \
-                rasterio.open(t_chm, "w", **chm_prof) as dst_c:
+                rasterio.open(t_chm, "w", **chm_prof) as dst_c, \
+                rasterio.open(t_dsm, "w", **chm_prof) as dst_d:
             dst_o.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green,
                                  rasterio.enums.ColorInterp.blue]
             dst_c.set_band_description(1, "canopy height (m)")
+            dst_d.set_band_description(1, "surface elevation (m): ground with relief plus canopy")
             for r0 in range(0, n_px, window_px):
                 h = min(window_px, n_px - r0)
                 rows_hit = (tr + reach >= r0) & (tr - reach <= r0 + h)
@@ -726,6 +744,10 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
                     win = Window(c0, r0, w, h)
                     dst_o.write(rgb, window=win)
                     dst_c.write(chm, 1, window=win)
+                    ys = origin[1] - (r0 + np.arange(h)[:, None] + 0.5) * gsd_m
+                    xs = origin[0] + (c0 + np.arange(w)[None, :] + 0.5) * gsd_m
+                    ground = ground_elevation_m(xs, ys, seed, origin).astype(np.float32)
+                    dst_d.write(np.where(chm == chm_prof["nodata"], chm, ground + chm), 1, window=win)
             dst_o.update_tags(generator="pipeline.synthetic", seed=str(seed))
 
     truth = tree_truth(trees, size_m, origin, crs_str, biome=biome)
@@ -750,4 +772,4 @@ def generate_scene(out_dir: str | Path, size_m: float = 200.0, gsd_m: float = 0.
     with atomic_path(meta_path) as t_meta:
         t_meta.write_text(json.dumps(meta, indent=2))
     return SceneFiles(ortho=ortho_path, chm=chm_path, truth=truth_path, meta=meta_path,
-                      n_trees=int(len(truth)), crs=crs_str, gsd_m=gsd_m, size_m=size_m)
+                      n_trees=int(len(truth)), crs=crs_str, gsd_m=gsd_m, size_m=size_m, dsm=dsm_path)

@@ -38,14 +38,15 @@ def test_carbon_fraction_default():
 
 
 def test_jucker_sets_match_itcsegment_table():
-    # itcSegment R/dbh.R coefficient table: global set with sigma 0.056, biome sets with no bias factor.
+    # itcSegment R/dbh.R coefficient table: global set with 0.056, biome sets with no bias factor. The 0.056
+    # and 0.204 are residual variances (sigma²), see METHOD.md.
     g = al.jucker_dbh_coefficients("global")
-    assert (g.alpha, g.beta, g.sigma) == (0.557, 0.809, 0.056)
+    assert (g.alpha, g.beta, g.sigma2) == (0.557, 0.809, 0.056)
     s = al.jucker_dbh_coefficients("palearctic_boreal", "gymnosperm")
-    assert (s.alpha, s.beta, s.sigma) == (1.430, 0.649, 0.0)
+    assert (s.alpha, s.beta, s.sigma2) == (1.430, 0.649, 0.0)
     assert al.JUCKER_AGB_BASE == (0.016, 2.013)
     assert al.JUCKER_AGB_GYMNO_OFFSET == (0.093, -0.223)
-    assert al.JUCKER_AGB_SIGMA == 0.204
+    assert al.JUCKER_AGB_RESIDUAL_VAR == 0.204
 
 
 def test_art_trees_factor():

@@ -249,6 +249,19 @@ def test_resume_reuses_finished_groups(tmp_path, scene, models):
     assert not first.exists()
 
 
+def test_resume_fingerprint_holds_the_code(tmp_path, scene, models, monkeypatch):
+    # issue 17, item 8: a code change (another source hash) discards the finished groups
+    cfg = config(scene[0], tmp_path / "out", models, tiles_per_group=10)
+    plan = inventory.validate(cfg)
+    first = inventory.infer_group(plan, 0)
+    plan.close()
+    assert len(inventory.source_sha256()) == 64
+    assert inventory.source_sha256() == inventory.source_sha256()  # memoised, stable
+    monkeypatch.setattr(inventory, "source_sha256", lambda roots=None: "0" * 64)
+    inventory.validate(cfg).close()
+    assert not first.exists()
+
+
 def test_cli_run_and_bad_input(tmp_path, scene, models):
     from pipeline.cli import app
 
@@ -301,3 +314,98 @@ def test_plots_get_their_own_totals(tmp_path, scene, models):
     inside = ((crowns["x"] < 500020) & (crowns["y"] > 3999980)).sum()
     assert table.loc[table["name"] == "north-west", "n_trees"].item() == inside > 0
     assert table.loc[table["name"] == "elsewhere", "n_trees"].item() == 0
+
+
+def test_totals_reconcile_across_outputs_to_the_kilogram(tmp_path, scene, models):
+    # issue 17, item 6: one convention everywhere (totals and tables are sums of the per-tree point
+    # estimates; the Monte Carlo only gives SDs and intervals), so every output file adds up to the kilogram
+    import pandas as pd
+
+    out = tmp_path / "out"
+    summary = inventory.run_inventory(config(scene[0], out, models))
+    on_disk = json.loads((out / "summary.json").read_text())
+    csv = pd.read_csv(out / "crowns.csv")
+    gpkg = pyogrio.read_dataframe(out / "inventory.gpkg", layer="crowns")
+    grid = pyogrio.read_dataframe(out / "inventory.gpkg", layer="grid")
+    species = pyogrio.read_dataframe(out / "inventory.gpkg", layer="species")
+    layer = pyogrio.read_dataframe(out / "inventory.gpkg", layer="summary").set_index("key")["value"]
+    doc = json.loads((out / "crowns.geojson").read_text())
+    geo = pd.DataFrame([f["properties"] for f in doc["features"]])
+    for key, col in (("agb_t", "agb_kg"), ("carbon_t", "carbon_kg"), ("co2e_t", "co2e_kg")):
+        total_kg = on_disk[key] * 1000.0
+        assert total_kg > 0
+        assert summary[key] == on_disk[key] == pytest.approx(float(layer[key]), abs=1e-6)
+        for frame in (csv, gpkg, geo):
+            assert frame[col].sum() == pytest.approx(total_kg, abs=1.0), (key, col)
+        assert grid[key].sum() * 1000.0 == pytest.approx(total_kg, abs=1.0), key
+        assert species[key].sum() * 1000.0 == pytest.approx(total_kg, abs=1.0), key
+    # per tree: carbon = CF (AGB + BGB), CO2e = carbon 44/12
+    np.testing.assert_allclose(gpkg["carbon_kg"], gpkg["carbon_fraction"] * (gpkg["agb_kg"] + gpkg["bgb_kg"]),
+                               rtol=1e-9)
+    np.testing.assert_allclose(gpkg["co2e_kg"], gpkg["carbon_kg"] * 44 / 12, rtol=1e-9)
+    lo, hi = on_disk["co2e_t_ci90"]
+    assert lo < on_disk["co2e_t"] < hi
+
+
+def test_detection_calibration_from_the_crown_model_and_warnings(tmp_path, scene, models):
+    # issue 17, item 5: the crown model's `detection_calibration` metadata (ARCHITECTURE.md) enters the
+    # total's interval and the deductions; without it the summary says loudly that it is not included
+    cal = {"schema": 1, "quantity": "agb", "ratio_mean": 1.5, "ln_sd": 0.2, "n_plots": 6}
+    crown = write_crown_model(tmp_path / "crowns_cal.onnx", tile_size=128, overlap_px=56,
+                              brightness_threshold=0.36, metadata={"detection_calibration": json.dumps(cal)})
+    with_cal = inventory.run_inventory(config(scene[0], tmp_path / "a", (crown, models[1])))
+    plain = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert plain["detection_error"]["included"] and plain["detection_error"]["ratio_mean"] == 1.5
+    adj = with_cal["total_with_detection"]
+    assert adj["co2e_t"] == pytest.approx(1.5 * with_cal["co2e_t"])
+    assert adj["co2e_t_ci90_low"] < adj["co2e_t"] < adj["co2e_t_ci90_high"]
+    assert "detection factor 1.5" in (tmp_path / "a" / "report.html").read_text()
+    without = inventory.run_inventory(config(scene[0], tmp_path / "b", models))
+    assert not without["detection_error"]["included"]
+    assert any("DETECTION ERROR NOT INCLUDED" in w for w in without["warnings"])
+    assert any("HEIGHTS ARE ALLOMETRIC" in w for w in without["warnings"])  # no CHM in this scene
+    bad = write_crown_model(tmp_path / "crowns_bad.onnx", tile_size=128, overlap_px=56,
+                            metadata={"detection_calibration": '{"ratio_mean": -1}'})
+    with pytest.raises(InputError, match="crowns_bad.onnx"):
+        inventory.validate(config(scene[0], tmp_path / "c", (bad, models[1])))
+
+
+def test_cli_sets_the_site_height_diameter_relation(tmp_path, scene, models):
+    from pipeline.cli import app, height_diameter_options
+
+    assert height_diameter_options(0.3, None) == {"hd_environmental_stress_e": 0.3}
+    assert height_diameter_options(None, "0.9,0.7,0,0.2")["hd_local"] == {"a": 0.9, "b": 0.7, "c": 0.0,
+                                                                          "rse": 0.2}
+    runner = CliRunner()
+    args = ["run", str(scene[0]), "--crown-model", str(models[0]), "--species-model", str(models[1]),
+            "--threads", "1"]
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "x"), "--hd-local", "1,2"])
+    assert res.exit_code == 2 and "--hd-local" in res.output
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "e"), "--hd-e", "0.4"])
+    assert res.exit_code == 0, res.output
+    assert "HEIGHTS ARE ALLOMETRIC" in res.output  # loud on the CLI, in the table and below it
+    assert "ALLOMETRIC (no CHM/DSM)" in res.output
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["carbon"]["carbon_config"]["hd_environmental_stress_e"] == 0.4
+    assert "E = 0.4" in summary["carbon"]["factors"]["height_diameter_source"]
+
+
+def test_dsm_alone_heights_in_engine(tmp_path, scene, write_geotiff, models):
+    # issue 17: --dsm without --dtm: the ground comes from the DSM's gaps (5 % slope here)
+    ortho, discs = scene
+    yy, xx = np.mgrid[:400, :400]
+    dsm = (200.0 + 0.05 * xx * GSD).astype(np.float32)
+    for k, (r, c, rad, _) in enumerate(discs):
+        dsm[(yy - r) ** 2 + (xx - c) ** 2 <= (rad + 3) ** 2] += 10.0 + k * 0.5
+    path = write_geotiff(tmp_path / "dsm.tif", dsm[None], T, UTM)
+    plan = inventory.validate(config(ortho, tmp_path / "out", models, dsm=path))
+    crowns = inventory.collect_crowns(plan, run_groups(plan))
+    trees = inventory.add_attributes(plan, crowns).table
+    plan.close()
+    assert (trees["height_source"] == "dsm-ground").all()
+    for k, (r, c, _, _) in enumerate(discs):
+        x, y = T @ (c + 0.5, r + 0.5)
+        row = trees.iloc[int(np.argmin(np.hypot(trees["x"] - x, trees["y"] - y)))]
+        assert row["height_m"] == pytest.approx(10.0 + k * 0.5, abs=0.4)
+    with pytest.raises(InputError, match="--dsm"):
+        inventory.validate(config(ortho, tmp_path / "o2", models, dtm=path))

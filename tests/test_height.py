@@ -81,10 +81,38 @@ def test_dsm_minus_dtm_on_slope(tmp_path, write_geotiff):
     assert heights == pytest.approx([h for *_, h in CROWNS], abs=0.3)
 
 
+def test_dsm_alone_ground_from_the_gaps_on_relief(tmp_path, write_geotiff):
+    # issue 17: a DSM without a DTM; ground = DSM minima, opening wider than the crowns, gaps interpolated
+    chm, t = plateau_chm(gsd=0.1, size_m=60.0)
+    n = chm.shape[0]
+    yy, xx = np.mgrid[:n, :n] * 0.1
+    ground = (100.0 + 0.10 * xx + 1.5 * np.sin(2 * np.pi * yy / 50.0)).astype(np.float32)  # 10 % + waves
+    dsm = write_geotiff(tmp_path / "dsm.tif", (ground + chm)[None], t, UTM)
+    heights, source = crown_heights(crowns_gdf(), dsm=dsm)
+    assert source == "dsm-ground"
+    assert heights == pytest.approx([h for *_, h in CROWNS], abs=0.4)
+
+
+def test_ground_from_dsm_known_answer():
+    from pipeline.height import ground_from_dsm
+
+    # a 5 % plane with one 6 m wide, 20 m tall block (a crown): the ground under it is the plane
+    rows, cols = np.mgrid[:60, :60].astype(float)
+    plane = 50.0 + 0.05 * cols
+    dsm = plane.copy()
+    dsm[20:26, 30:36] += 20.0
+    ground = ground_from_dsm(dsm, cell_m=1.0, window_m=15.0)
+    np.testing.assert_allclose(ground, plane, atol=1e-9)
+    dsm[0, 0] = np.nan  # no data stays out of the ground cells
+    assert np.isfinite(ground_from_dsm(dsm)).all()
+
+
 def test_no_height_inputs_and_errors(tmp_path, write_geotiff):
     heights, source = crown_heights(crowns_gdf())
     assert source == "none" and np.isnan(heights).all()
-    with pytest.raises(InputError, match="--dtm"):
+    with pytest.raises(InputError, match="--dsm"):
+        crown_heights(crowns_gdf(), dtm=tmp_path / "dtm.tif")
+    with pytest.raises(InputError, match="DSM not found"):
         crown_heights(crowns_gdf(), dsm=tmp_path / "dsm.tif")
     chm, t = plateau_chm(gsd=0.5)
     nocrs = write_geotiff(tmp_path / "nocrs.tif", chm[None], t, None)

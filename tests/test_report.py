@@ -50,7 +50,9 @@ def _report(tmp_path):
     groups = {"cell": assign_cells(x, y, grid), "plot": np.where(x < x0 + 100, 0, -1)}
     res = estimate_carbon(trees, CarbonConfig(n_draws=300, area_ha=6.0), groups)
     summary = {**res.total, "standards": res.standards, "input": "synthetic <test>", "crs": "EPSG:32617",
-               "co2e_t_ci90": [res.total["co2e_t_ci90_low"], res.total["co2e_t_ci90_high"]]}
+               "co2e_t_ci90": [res.total["co2e_t_ci90_low"], res.total["co2e_t_ci90_high"]],
+               "models": {"crowns-test": "abc123"},
+               "crown_model": {"path": "models/crowns-test.onnx", "version": "t1"}, "warnings": res.warnings}
     path = tmp_path / "report.html"
     write_report(path, summary, res.trees, res.groups, grid=grid, carbon=res)
     return path
@@ -76,6 +78,11 @@ def test_report_is_self_contained_with_charts(tmp_path):
     for rule in ("VM0047", "VMD0017", "ART-TREES"):
         assert rule in text
     assert "version in force" in text
+    # issue 17: what the interval includes and what it does not, detection error stated, models named
+    assert "What this interval includes and what it does not" in text
+    assert "Detection error is not in the interval" in text
+    assert "crowns-test.onnx" in text and "abc123" in text
+    assert "HEIGHTS ARE ALLOMETRIC" in text  # 20 % of the trees have no CHM height
     assert "synthetic &lt;test&gt;" in text and "Quercus &lt;geminata&gt;" in text  # escaped
 
 

@@ -20,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = sorted((ROOT / "pipeline").rglob("*.py"))
 MODELS = sorted((ROOT / "models").rglob("*.py"))
+FLOWS = sorted((ROOT / "flows").rglob("*.py"))
 
 # modules that deserialise arbitrary Python objects (code execution on load)
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
@@ -63,7 +64,53 @@ def _keyword(call: ast.Call, name: str):
 
 
 def test_source_lists_are_not_empty():
-    assert len(PIPELINE) >= 10 and len(MODELS) >= 5
+    assert len(PIPELINE) >= 10 and len(MODELS) >= 5 and len(FLOWS) >= 5
+
+
+@pytest.mark.parametrize("path", FLOWS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_flows_never_unpickle_and_keep_results_out_of_the_output_folder(path):
+    """issue 17: flows/ loads no pickle itself, and every Prefect ``result_storage`` (Prefect pickles task
+    results) comes from ``result_dir``/``cache_dir``, which lie under the Prefect home, not in --out."""
+    tree = _tree(path)
+    bad = [(m, line) for m, line, _ in _imports(tree) if m.split(".")[0] in UNSAFE_MODULES]
+    assert not bad, f"{path}: imports {bad}"
+    for call in _calls(tree):
+        name = _dotted(call.func)
+        assert not name.endswith(("torch.load", "read_pickle", "jit.load")), f"{path}:{call.lineno}: {name}"
+        if name.endswith(("np.load", "numpy.load")):
+            flag = _keyword(call, "allow_pickle")
+            assert flag is None or (isinstance(flag, ast.Constant) and flag.value is False)
+    storages = [kw.value for call in _calls(tree) for kw in call.keywords if kw.arg == "result_storage"]
+    storages += [v for node in ast.walk(tree) if isinstance(node, ast.Dict)
+                 for k, v in zip(node.keys, node.values, strict=True)
+                 if isinstance(k, ast.Constant) and k.value == "result_storage"]
+    for value in storages:
+        source = ast.unparse(value)
+        assert isinstance(value, ast.Name) or any(f in source for f in ("result_dir(", "cache_dir(")), \
+            f"{path}:{value.lineno}: result_storage={source} must come from flows.settings.result_dir"
+
+
+def test_flow_results_live_outside_the_output_folder(tmp_path, monkeypatch):
+    from flows.inventory import cache_dir
+    from flows.settings import configure, result_dir, results_home
+    from pipeline.errors import InputError
+
+    monkeypatch.delenv("FOREST_INVENTORY_RESULTS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    saved = dict(os.environ)
+    try:
+        configure(out)  # batch and serve put the Prefect home inside their output folder
+        for folder in (cache_dir(out / "site"), result_dir("compress", out)):
+            assert out not in folder.parents and folder.is_relative_to(tmp_path / "cache")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert cache_dir(out) != cache_dir(tmp_path / "other")
+    monkeypatch.setenv("FOREST_INVENTORY_RESULTS", str(out / "r"))
+    assert results_home() == (out / "r").resolve()
+    with pytest.raises(InputError, match="result store"):
+        cache_dir(out)
 
 
 @pytest.mark.parametrize("path", PIPELINE, ids=lambda p: str(p.relative_to(ROOT)))

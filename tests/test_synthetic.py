@@ -119,6 +119,7 @@ def test_cli_synth(tmp_path):
     res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--size-m", "30", "--seed", "2"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "s" / "ortho.tif").exists() and (tmp_path / "s" / "truth.gpkg").exists()
+    assert (tmp_path / "s" / "dsm.tif").exists() and "dsm.tif" in res.output
     bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "t"), "--size-m", "30", "--crs", "EPSG:4326"])
     assert bad.exit_code == 2 and "projected" in bad.output
 
@@ -183,3 +184,31 @@ def test_crown_style_is_checked(tmp_path):
                                    "--crown-style", "clumped"])
     assert res.exit_code == 0, res.output
     assert '"crown_style": "clumped"' in (tmp_path / "s" / "scene.json").read_text()
+
+
+def test_dsm_alone_gives_the_truth_heights(scene):
+    # issue 17: synth writes dsm.tif (ground with relief + canopy); heights from the DSM alone, ground from
+    # its gaps, against the truth heights of the trees that are mostly visible
+    from pipeline.height import crown_heights
+    from pipeline.synthetic import ground_elevation_m
+
+    assert scene.dsm is not None and scene.dsm.is_file()
+    with rasterio.open(scene.dsm) as d, rasterio.open(scene.chm) as c:
+        dsm, chm = d.read(1), c.read(1)
+        t = d.transform
+    rows, cols = np.mgrid[: dsm.shape[0], : dsm.shape[1]]
+    xs, ys = t.c + (cols + 0.5) * t.a, t.f + (rows + 0.5) * t.e
+    ground = ground_elevation_m(xs, ys, 3, (t.c, t.f))
+    np.testing.assert_allclose(dsm - chm, ground, atol=1e-3)
+    assert np.ptp(ground) > 1.0  # relief
+    truth = gpd.read_file(scene.truth)
+    visible = truth[truth["visible_fraction"] > 0.8]
+    heights, source = crown_heights(visible, dsm=scene.dsm)
+    from_chm, _ = crown_heights(visible, chm=scene.chm)
+    assert source == "dsm-ground" and len(visible) > 10
+    ground_err = heights - from_chm  # the derived ground's error alone
+    assert np.median(np.abs(ground_err)) < 0.3 and np.abs(ground_err).max() < 1.5
+    err = heights - visible["height_m"].to_numpy()  # plus the 95th percentile below the apex
+    assert np.median(np.abs(err)) < 1.0
+    print(f"DSM-only heights: median ground error {np.median(ground_err):+.2f} m, "
+          f"median error against truth {np.median(err):+.2f} m ({len(visible)} trees)")

@@ -30,6 +30,9 @@ def prefect_api(tmp_path_factory):
     saved = dict(os.environ)
     from flows.settings import configure, local_run
 
+    # the flows' pickled task results (flows.settings.result_dir) go to a throw-away folder, not ~/.cache
+    os.environ["FOREST_INVENTORY_RESULTS"] = str(tmp_path_factory.mktemp("flow-results"))
+
     configure(tmp_path_factory.mktemp("prefect-project"))
     from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness

@@ -122,3 +122,24 @@ def test_invalid_input_fails_at_once_without_retries(prefect_api, tmp_path, flow
     assert len(calls) == 1
     assert time.perf_counter() - start < flow_module.RETRY_BACKOFF_S + 5
     assert not Path(tmp_path / "out" / "summary.json").exists()
+
+
+def test_code_change_recomputes_and_no_pickle_under_out(prefect_api, tmp_path, flow_options, monkeypatch):
+    # issue 17, item 8: the cache key holds a hash of the code; the Chave intercept doubled in-process and
+    # the code hash changed: the rerun into the same --out recomputes (AGB doubles) instead of returning
+    # the cached result. Prefect's pickled results are kept out of --out.
+    from pipeline.carbon import allometry as al
+
+    out = tmp_path / "out"
+    first = inventory_flow(ortho=str(SAMPLE_ORTHO), out=str(out), options=flow_options)
+    monkeypatch.setattr(al, "CHAVE_EQ4_INTERCEPT", 2 * al.CHAVE_EQ4_INTERCEPT)
+    cached = inventory_flow(ortho=str(SAMPLE_ORTHO), out=str(out), options=flow_options)
+    assert cached["agb_t"] == first["agb_t"]  # same code hash: a cache hit (the in-process change unseen)
+    monkeypatch.setattr(flow_module, "code_identity", lambda: "f" * 64)  # as after editing a source file
+    fresh = inventory_flow(ortho=str(SAMPLE_ORTHO), out=str(out), options=flow_options)
+    assert fresh["agb_t"] == pytest.approx(2 * first["agb_t"], rel=1e-9)
+    for path in out.rglob("*"):
+        if path.is_file():
+            head = path.read_bytes()[:4096]
+            assert not head.startswith(b"\x80") and b"pickle" not in head, path
+    assert any(flow_module.cache_dir(out).rglob("*"))  # the results are there instead
