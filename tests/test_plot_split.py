@@ -125,3 +125,19 @@ def test_ablation_row_reads_pooled_and_per_site_scores():
     table = ablation_table([("base", res)]).splitlines()
     assert table[0].startswith("| run | pooled F1@0.4 |") and len(table) == 3
     assert table[2] == "| base | 0.500 | 0.600 / 0.429 | 0.250 | – | – | – | 0.750 | 21 |"
+
+
+def test_detection_calibration_sums_a_plots_images_then_takes_the_pooled_ratio():
+    from models.detection_calibration import detection_calibration_from_metrics, plot_crown_areas
+
+    images = [{"image": "a/SJER_001.tif", "plot": "SJER_001", "truth_crown_area_m2": 30.0,
+               "pred_crown_area_m2": 10.0},
+              {"image": "a/SJER_001_2017.tif", "plot": "SJER_001", "truth_crown_area_m2": 30.0,
+               "pred_crown_area_m2": 20.0},
+              {"image": "a/TEAK_002.tif", "plot": "TEAK_002", "truth_crown_area_m2": 40.0,
+               "pred_crown_area_m2": 50.0}]
+    assert plot_crown_areas({"images": images}) == (["SJER_001", "TEAK_002"], [60.0, 40.0], [30.0, 50.0])
+    cal = detection_calibration_from_metrics({"images": images})
+    assert cal["quantity"] == "crown_area" and cal["n_plots"] == 2
+    assert cal["ratio_mean"] == pytest.approx(100.0 / 80.0)  # pooled: sum reference / sum detected
+    assert cal["ln_sd"] > 0 and "SJER_001" in cal["source"]

@@ -209,23 +209,39 @@ def predict_boxes_on_images(
     postprocess: dict[str, float] | None = None,
     tta: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
-) -> tuple[list[list], dict[str, Any]]:
+) -> tuple[list[list], dict[str, Any], list[float]]:
     """Predicted crown envelopes (pixel boxes) of every image, each through the engine in its own folder
-    under ``work_dir`` -> (boxes per image, the model record of the first image)."""
+    under ``work_dir`` -> (boxes per image, the model record of the first image, the predicted crown
+    polygons' area per image in m²)."""
     from pipeline.evaluation.run import predict_crowns_on_image
 
-    out, model = [], {}
+    out, model, areas = [], {}, []
     for i, im in enumerate(images):
         if progress:
             progress(i, len(images), im.image.name)
         crowns, rec = predict_crowns_on_image(im.image, Path(work_dir) / _work_name(i, im.image), crown_model,
                                               threads, bands, postprocess, tta)
         out.append(crowns_to_pixel_boxes(crowns, im.image))
+        areas.append(float(crowns.geometry.area.sum()) if len(crowns) else 0.0)
         model = model or {k: v for k, v in rec.items() if k not in ("crs", "seconds")}
         model["seconds"] = round(model.get("seconds", 0.0) + rec["seconds"], 2)
     if progress:
         progress(len(images), len(images), "")
-    return out, model
+    return out, model, areas
+
+
+def reference_crown_area_m2(image: str | os.PathLike, boxes: np.ndarray) -> float:
+    """Area (m²) of the ellipses inscribed in an image's reference boxes (pixels): the crowns the boxes
+    stand for, in the units of the image's projected CRS."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(image) as ds:
+            px_area = abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d)
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    return float(np.pi / 4 * ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum() * px_area)
 
 
 def score_images(
@@ -284,14 +300,17 @@ def evaluate_crowns_on_csv(
         raise InputError(f"{csv}: {len(absent)} image(s) not found, e.g. {absent[0]}; image_path is "
                          "relative to the CSV's folder")
     out_dir = Path(out_dir)
-    preds, model = predict_boxes_on_images(images, out_dir / "images", crown_model, threads, bands,
-                                           postprocess, tta, progress)
+    preds, model, areas = predict_boxes_on_images(images, out_dir / "images", crown_model, threads, bands,
+                                                  postprocess, tta, progress)
     result: dict[str, Any] = {"truth": str(csv), "selection": selection, "missing_plots": missing,
                               **model, "headline": "box", **score_images(images, preds)}
+    for rec, im, area in zip(result["images"], images, areas, strict=True):  # detection-error calibration
+        rec["pred_crown_area_m2"] = area
+        rec["truth_crown_area_m2"] = reference_crown_area_m2(im.image, im.boxes)
     result["f1_iou0.4"] = result["pooled"]["thresholds"]["0.4"]["f1"]
     result["f1_iou0.5"] = result["pooled"]["thresholds"]["0.5"]["f1"]
     if compare_to is not None:
-        base_preds, base_model = predict_boxes_on_images(images, out_dir / "baseline", compare_to, threads,
+        base_preds, base_model, _ = predict_boxes_on_images(images, out_dir / "baseline", compare_to, threads,
                                                          bands, postprocess, tta, progress)
         base = score_images(images, base_preds)
         result["baseline"] = {"crown_model": base_model["crown_model"],
