@@ -562,6 +562,15 @@ def _training_data_summary(cfg: TrainCrownsConfig) -> str:
     return text
 
 
+LARGEST_CROWN_M = 12.0  # tile overlap the engine's seam rule needs: the widest crown expected, m
+
+
+def engine_overlap_px(cfg: TrainCrownsConfig) -> int:
+    """Tile overlap (px at the model GSD) written for the engine: ``cfg.overlap_px``, raised to cover
+    :data:`LARGEST_CROWN_M` at the model's GSD (80 px at 0.15 m, 120 px at 0.10 m)."""
+    return max(int(cfg.overlap_px), int(round(LARGEST_CROWN_M / cfg.gsd_m)))
+
+
 def export_crown_model(
     net: nn.Module,
     cfg: TrainCrownsConfig,
@@ -576,7 +585,7 @@ def export_crown_model(
         "class_names": list(CROWN_CLASS_NAMES),
         "gsd_m": cfg.gsd_m,
         "tile_size": cfg.tile_size,
-        "overlap_px": cfg.overlap_px,
+        "overlap_px": engine_overlap_px(cfg),
         "bands": ["red", "green", "blue"],
         "model_version": model_version,
         "training_data": _training_data_summary(cfg),

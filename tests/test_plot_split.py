@@ -141,3 +141,11 @@ def test_detection_calibration_sums_a_plots_images_then_takes_the_pooled_ratio()
     assert cal["quantity"] == "crown_area" and cal["n_plots"] == 2
     assert cal["ratio_mean"] == pytest.approx(100.0 / 80.0)  # pooled: sum reference / sum detected
     assert cal["ln_sd"] > 0 and "SJER_001" in cal["source"]
+
+
+def test_engine_overlap_covers_the_widest_crown_at_the_model_gsd():
+    from models.train_crowns import TrainCrownsConfig, engine_overlap_px
+
+    assert engine_overlap_px(TrainCrownsConfig(gsd_m=0.15)) == 80
+    assert engine_overlap_px(TrainCrownsConfig(gsd_m=0.1)) == 120
+    assert engine_overlap_px(TrainCrownsConfig(gsd_m=0.15, overlap_px=96)) == 96
