@@ -72,14 +72,7 @@ def test_flows_never_unpickle_and_keep_results_out_of_the_output_folder(path):
     """issue 17: flows/ loads no pickle itself, and every Prefect ``result_storage`` (Prefect pickles task
     results) comes from ``result_dir``/``cache_dir``, which lie under the Prefect home, not in --out."""
     tree = _tree(path)
-    bad = [(m, line) for m, line, _ in _imports(tree) if m.split(".")[0] in UNSAFE_MODULES]
-    assert not bad, f"{path}: imports {bad}"
-    for call in _calls(tree):
-        name = _dotted(call.func)
-        assert not name.endswith(("torch.load", "read_pickle", "jit.load")), f"{path}:{call.lineno}: {name}"
-        if name.endswith(("np.load", "numpy.load")):
-            flag = _keyword(call, "allow_pickle")
-            assert flag is None or (isinstance(flag, ast.Constant) and flag.value is False)
+    _assert_never_unpickles(path, tree)
     storages = [kw.value for call in _calls(tree) for kw in call.keywords if kw.arg == "result_storage"]
     storages += [v for node in ast.walk(tree) if isinstance(node, ast.Dict)
                  for k, v in zip(node.keys, node.values, strict=True)
@@ -115,7 +108,11 @@ def test_flow_results_live_outside_the_output_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", PIPELINE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_pipeline_never_unpickles(path):
-    tree = _tree(path)
+    _assert_never_unpickles(path, _tree(path))
+
+
+def _assert_never_unpickles(path, tree) -> None:
+    """No pickle-capable module imported, no torch.load / read_pickle / jit.load, np.load without pickles."""
     bad = [(m, line) for m, line, _ in _imports(tree) if m.split(".")[0] in UNSAFE_MODULES]
     assert not bad, f"{path}: imports {bad}"
     for call in _calls(tree):
