@@ -73,3 +73,30 @@ def write_pseudo_labels(
     with atomic_path(Path(out_csv)) as tmp:
         df.to_csv(tmp, index=False)
     return df
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.pseudo_labels MODEL.onnx IMAGES_DIR OUT.csv [--root R] [--min-score S]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="pseudo-label unlabelled plot images with a crown model")
+    ap.add_argument("model", help="crown ONNX model")
+    ap.add_argument("images", help="folder of unlabelled GeoTIFF plot images")
+    ap.add_argument("out", help="CSV to write (DeepForest + site, plot, year, score)")
+    ap.add_argument("--root", default=None, help="folder the CSV's image paths are relative to "
+                    "(default: the parent of IMAGES)")
+    ap.add_argument("--min-score", type=float, default=0.6, help="crowns below this become 'ignore' boxes")
+    ap.add_argument("--exclude", default="OSBS_029", help="comma-separated plots never pseudo-labelled")
+    a = ap.parse_args(argv)
+    images = sorted(Path(a.images).glob("*.tif"))
+    if not images:
+        raise SystemExit(f"error: {a.images}: no .tif images; pass the folder of unlabelled plot images")
+    df = write_pseudo_labels(images, a.root or Path(a.images).parent, a.model, a.out, a.min_score,
+                             exclude_plots=tuple(a.exclude.split(",")), progress=print)
+    print(f"{a.out}: {int((df.label == 'Tree').sum())} Tree and {int((df.label == IGNORE_LABEL).sum())} "
+          f"ignore boxes on {df['plot'].nunique()} images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
