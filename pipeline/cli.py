@@ -443,6 +443,8 @@ def compress_cmd(
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
     score_steps: int = typer.Option(200, "--score-steps", help="sbf: score-learning steps on the "
                                     "calibration crops (more: slower, steadier scores)."),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="Choose the compressed model's own "
+                                     "post-processing thresholds on the training run's validation."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Compress the crown model (PFP, SiPP, ALDS, SbF or a baseline); export it with a compression record."""
@@ -453,7 +455,7 @@ def compress_cmd(
     result = compress_crown_checkpoint(model, method, target, out=out, finetune_steps=finetune,
                                        quantize=quantize, reference_onnx=reference_onnx, budget=budget,
                                        threads=threads, log=typer.echo, distill=distill,
-                                       score_steps=score_steps)
+                                       score_steps=score_steps, recalibrate=recalibrate)
     rec = result["record"]
     typer.echo(f"{rec['method']}: params {rec['params_before']:,} -> {rec['params_after']:,} "
                f"(nonzero {rec['nonzero_params_after']:,}), "

@@ -97,6 +97,18 @@ def test_plot_dataset_trains_end_to_end_with_whole_plots_held_out(plot_csv, tmp_
     n_val_images = sum(s.plot in doc["validation"] for s in scenes)
     assert metrics["real_n_truth"] == 2 * n_val_images
     assert (tmp_path / "crowns.onnx").stat().st_size > 0
+    # the compressed model gets thresholds of its own, chosen on the same validation plots
+    import onnx
+
+    from models.compression.crown_study import compress_crown_checkpoint
+    from models.train_crowns import PARAM_GRID
+
+    out = compress_crown_checkpoint(res["checkpoint"], "l1", 0.5, out=tmp_path / "c.onnx", threads=1,
+                                    reference_onnx=tmp_path / "crowns.onnx", recalibrate=True,
+                                    log=lambda m: None)
+    meta = {p.key: p.value for p in onnx.load(out["onnx"]).metadata_props}
+    assert set(json.loads(meta["postprocess"])) == set(PARAM_GRID)
+    assert json.loads(meta["validation_metrics"])["postprocess_source"] == "own"
 
 
 def test_learning_curve_keeps_a_share_of_each_sites_training_plots_only():

@@ -688,6 +688,7 @@ def compress_crown_checkpoint(
     log=print,
     distill: float = 0.0,
     score_steps: int = 200,
+    recalibrate: bool = False,
 ) -> dict:
     """Compress a crown-model checkpoint and export it for the engine (the ``compress`` command).
 
@@ -695,7 +696,9 @@ def compress_crown_checkpoint(
     zoo model) and a ``compression`` record is added. ``finetune_steps`` > 0 fine-tunes with LR rewinding
     on the crown training data, with ``distill`` > 0 the weight of distillation from the dense network in
     that loss; ``quantize`` also writes a static int8 QDQ copy (``*.int8.onnx``); ``score_steps``: the
-    learned-score steps of ``sbf``.
+    learned-score steps of ``sbf``; ``recalibrate`` chooses the compressed network's own post-processing
+    thresholds on the training run's validation (:func:`models.train_crowns.calibrate_on_validation`: the
+    validation plots of a plot-split run) instead of copying the reference's.
     """
     from models.compression.compress import DATA_INFORMED, METHODS
     from models.train_crowns import load_crown_net
@@ -750,6 +753,11 @@ def compress_crown_checkpoint(
     res.after = count_cost(res.model, (3, tile, tile))
     res.input_shape = (3, tile, tile)
     meta["model_version"] = f"{meta.get('model_version', 'crowns')}+{method}{pct}"
+    if recalibrate:
+        from models.train_crowns import calibrate_on_validation, load_scenes
+
+        post, metrics = calibrate_on_validation(res.model.eval(), load_scenes(train_cfg), train_cfg, log=log)
+        meta["postprocess"], meta["validation_metrics"] = post, {**metrics, "postprocess_source": "own"}
     q_path = out.with_suffix(".int8.onnx") if quantize else None
     tiles = data.uint8_tiles(32, tile) if quantize else None
     record = export_compressed(res, out, tile, metadata=meta, calibration_tiles=tiles, quantized_path=q_path)
