@@ -37,7 +37,7 @@ def ablation_table(runs: list[tuple[str, dict]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     runs = []
     for arg in argv if argv is not None else sys.argv[1:]:
-        name, _, path = arg.partition("=")
+        name, _, path = arg.rpartition("=")  # names may hold "="
         runs.append((name, json.loads(Path(path).read_text())))
     print(ablation_table(runs))
     return 0
