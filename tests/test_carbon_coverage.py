@@ -36,11 +36,7 @@ def test_wood_density_off_by_one_sd_covered_only_with_the_shared_taxon_error():
     # truth is (0.6108 / 0.54)^0.976 = 1.128 x the estimate. Shared by the species, the error gives a 90 %
     # half-width of about 1.645 * 0.976 * 0.0708 / 0.54 = 21 % and holds it; drawn per tree (before issue
     # 17) it averages out to about 1 % and misses it
-    rng = np.random.default_rng(3)
-    n = 500
-    trees = pd.DataFrame({"tree_id": np.arange(n), "crown_diameter_m": rng.uniform(4, 9, n),
-                          "height_m": rng.uniform(12, 24, n), "height_source": "chm",
-                          "species": "Pinus palustris", "species_prob": 1.0})
+    trees = _pines(500, seed=3, crown_m=(4, 9), height_m=(12, 24))
     truth_factor = ((0.54 + 0.0708) / 0.54) ** 0.976
     for shared, holds in ((True, True), (False, False)):
         res = estimate_carbon(trees, CarbonConfig(n_draws=2000, components={"wood_density"},
@@ -96,11 +92,7 @@ def test_calibrate_detection_error_known_answer():
 
 
 def test_detection_factor_applied_to_the_total_and_the_deductions():
-    rng = np.random.default_rng(0)
-    n = 50
-    trees = pd.DataFrame({"tree_id": np.arange(n), "crown_diameter_m": rng.uniform(4, 8, n),
-                          "height_m": rng.uniform(10, 20, n), "height_source": "chm",
-                          "species": "Pinus palustris", "species_prob": 1.0})
+    trees = _pines(50, seed=0, crown_m=(4, 8), height_m=(10, 20))
     plain = estimate_carbon(trees, CarbonConfig(n_draws=500))
     cal = {"ratio_mean": 2.0, "ln_sd": 0.0, "n_plots": 4}
     doubled = estimate_carbon(trees, CarbonConfig(n_draws=500, detection_calibration=cal))
@@ -121,3 +113,11 @@ def test_detection_factor_applied_to_the_total_and_the_deductions():
                         1000.0, seed=1)
     lo, hi = d["total"]["co2e_t_ci90_low"], d["total"]["co2e_t_ci90_high"]
     assert math.log(hi / lo) / 2 == pytest.approx(1.645 * 0.3, rel=0.03)
+
+
+def _pines(n: int, seed: int, crown_m: tuple[float, float], height_m: tuple[float, float]) -> pd.DataFrame:
+    """``n`` Pinus palustris with CHM heights, crown diameters and heights uniform in the given ranges."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"tree_id": np.arange(n), "crown_diameter_m": rng.uniform(*crown_m, n),
+                         "height_m": rng.uniform(*height_m, n), "height_source": "chm",
+                         "species": "Pinus palustris", "species_prob": 1.0})
