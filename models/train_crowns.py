@@ -567,8 +567,10 @@ LARGEST_CROWN_M = 12.0  # tile overlap the engine's seam rule needs: the widest 
 
 def engine_overlap_px(cfg: TrainCrownsConfig) -> int:
     """Tile overlap (px at the model GSD) written for the engine: ``cfg.overlap_px``, raised to cover
-    :data:`LARGEST_CROWN_M` at the model's GSD (80 px at 0.15 m, 120 px at 0.10 m)."""
-    return max(int(cfg.overlap_px), int(round(LARGEST_CROWN_M / cfg.gsd_m)))
+    :data:`LARGEST_CROWN_M` at the model's GSD (80 px at 0.15 m, 120 px at 0.10 m) where that leaves at
+    least half of the tile as core (small test tiles keep their own overlap)."""
+    wanted = int(round(LARGEST_CROWN_M / cfg.gsd_m))
+    return max(int(cfg.overlap_px), wanted) if wanted <= cfg.tile_size // 4 else int(cfg.overlap_px)
 
 
 def export_crown_model(

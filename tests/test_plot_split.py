@@ -161,3 +161,4 @@ def test_engine_overlap_covers_the_widest_crown_at_the_model_gsd():
     assert engine_overlap_px(TrainCrownsConfig(gsd_m=0.15)) == 80
     assert engine_overlap_px(TrainCrownsConfig(gsd_m=0.1)) == 120
     assert engine_overlap_px(TrainCrownsConfig(gsd_m=0.15, overlap_px=96)) == 96
+    assert engine_overlap_px(TrainCrownsConfig(gsd_m=0.15, tile_size=64, overlap_px=16)) == 16  # test tiles
