@@ -756,7 +756,8 @@ def compress_crown_checkpoint(
     if recalibrate:
         from models.train_crowns import calibrate_on_validation, load_scenes
 
-        post, metrics = calibrate_on_validation(res.model.eval(), load_scenes(train_cfg), train_cfg, log=log)
+        scenes = data.scenes if data is not None else load_scenes(train_cfg)  # read once when fine-tuned
+        post, metrics = calibrate_on_validation(res.model.eval(), scenes, train_cfg, log=log)
         meta["postprocess"], meta["validation_metrics"] = post, {**metrics, "postprocess_source": "own"}
     q_path = out.with_suffix(".int8.onnx") if quantize else None
     tiles = data.uint8_tiles(32, tile) if quantize else None

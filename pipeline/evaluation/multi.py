@@ -135,17 +135,22 @@ def select_images(
     return chosen, [p for p in wanted if p not in found]
 
 
-def crowns_to_pixel_boxes(crowns, image: str | os.PathLike) -> list:
-    """Envelopes (shapely boxes) of predicted crowns in the pixel grid of ``image`` (origin top-left).
-
-    ``crowns`` is a GeoDataFrame; it is brought to the image's CRS, then through the inverse geotransform."""
+def _image_grid(image: str | os.PathLike):
+    """(affine transform, CRS) of ``image`` (pixel grid, origin top-left; CRS None when not georeferenced)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(image) as ds:
-            transform, crs = ds.transform, ds.crs
+            return ds.transform, ds.crs
+
+
+def crowns_to_pixel_boxes(crowns, image: str | os.PathLike) -> list:
+    """Envelopes (shapely boxes) of predicted crowns in the pixel grid of ``image`` (origin top-left).
+
+    ``crowns`` is a GeoDataFrame; it is brought to the image's CRS, then through the inverse geotransform."""
+    transform, crs = _image_grid(image)
     if not len(crowns):
         return []
     if crs is not None and crowns.crs is not None and not crowns.crs.equals(crs):
@@ -233,13 +238,8 @@ def predict_boxes_on_images(
 def reference_crown_area_m2(image: str | os.PathLike, boxes: np.ndarray) -> float:
     """Area (m²) of the ellipses inscribed in an image's reference boxes (pixels): the crowns the boxes
     stand for, in the units of the image's projected CRS."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(image) as ds:
-            px_area = abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d)
+    t, _ = _image_grid(image)
+    px_area = abs(t.a * t.e - t.b * t.d)
     b = np.asarray(boxes, float).reshape(-1, 4)
     return float(np.pi / 4 * ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum() * px_area)
 
