@@ -27,7 +27,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from forest_inventory.cli import app
 from pipeline.inventory import OUTPUT_NAMES
 from tests.conftest import _disc_scene, _write_geotiff
 from tests.tiny_models import crown_model_proto, write_crown_model

@@ -10,8 +10,8 @@ pytest.importorskip("segmentation_models_pytorch")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from forest_inventory.cli import app  # noqa: E402
 from models.export import read_metadata  # noqa: E402
-from pipeline.cli import app  # noqa: E402
 
 
 def test_compress_command_writes_a_smaller_model_with_a_record(crown_checkpoint, tmp_path):

@@ -263,7 +263,7 @@ def test_resume_fingerprint_holds_the_code(tmp_path, scene, models, monkeypatch)
 
 
 def test_cli_run_and_bad_input(tmp_path, scene, models):
-    from pipeline.cli import app
+    from forest_inventory.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o"),
@@ -371,7 +371,7 @@ def test_detection_calibration_from_the_crown_model_and_warnings(tmp_path, scene
 
 
 def test_cli_sets_the_site_height_diameter_relation(tmp_path, scene, models):
-    from pipeline.cli import app, height_diameter_options
+    from forest_inventory.cli import app, height_diameter_options
 
     assert height_diameter_options(0.3, None) == {"hd_environmental_stress_e": 0.3}
     assert height_diameter_options(None, "0.9,0.7,0,0.2")["hd_local"] == {"a": 0.9, "b": 0.7, "c": 0.0,

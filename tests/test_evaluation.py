@@ -124,7 +124,7 @@ def test_evaluate_cli_with_tta(tmp_path, write_geotiff, disc_scene):
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from forest_inventory.cli import app
     from tests.tiny_models import write_crown_model
 
     _four_discs_with_boxes(tmp_path, write_geotiff, disc_scene)
@@ -146,7 +146,7 @@ def test_evaluate_cli_compare_to_a_baseline_model(tmp_path, write_geotiff, disc_
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from forest_inventory.cli import app
     from tests.tiny_models import write_crown_model
 
     _four_discs_with_boxes(tmp_path, write_geotiff, disc_scene)
@@ -295,7 +295,7 @@ def test_evaluate_cli_multi_image_with_split(tmp_path, write_geotiff, disc_scene
     scores the validation plots only; `--compare-to` gives the pooled difference over plots."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from forest_inventory.cli import app
     from tests.tiny_models import write_crown_model
 
     _two_site_scene(tmp_path, write_geotiff, disc_scene)
@@ -323,7 +323,7 @@ def test_evaluate_cli_multi_image_bad_inputs(tmp_path):
     """A CSV missing a box column, a missing image, a bad subset: exit 2 with one line naming the file."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from forest_inventory.cli import app
 
     (tmp_path / "t.csv").write_text("image_path,xmin,ymin,xmax,label,site\na.tif,0,0,10,Tree,A\n")
     res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "t.csv"), "--out", str(tmp_path)])

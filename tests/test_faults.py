@@ -156,7 +156,7 @@ def test_transient_read_error_is_retried(scene, reference, tmp_path, monkeypatch
     from typer.testing import CliRunner
 
     import pipeline.raster
-    from pipeline.cli import app
+    from forest_inventory.cli import app
 
     monkeypatch.setattr(pipeline.raster, "READ_BACKOFF_S", 0.01)
     original = rasterio.io.DatasetReader.read
@@ -182,7 +182,7 @@ def test_persistent_read_error_is_one_line(scene, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import pipeline.raster
-    from pipeline.cli import app
+    from forest_inventory.cli import app
 
     monkeypatch.setattr(pipeline.raster, "READ_BACKOFF_S", 0.01)
     original = rasterio.io.DatasetReader.read

@@ -267,7 +267,7 @@ def test_cli_encoder_init_flag_switches_to_mobilenet_v2(monkeypatch) -> None:
     from typer.testing import CliRunner
 
     import models.train_crowns as tc
-    from pipeline.cli import app
+    from forest_inventory.cli import app
 
     seen = {}
 

@@ -92,7 +92,7 @@ def test_one_training_step_changes_the_weights(scene):
 
 
 def test_train_species_cli_exports_a_model_the_engine_reads(tmp_path):
-    from pipeline.cli import app
+    from forest_inventory.cli import app
     from pipeline.onnx_model import SPECIES_TASK, OnnxModel
 
     out = tmp_path / "run"

@@ -9,9 +9,9 @@ import rasterio
 from rasterio.features import rasterize
 from typer.testing import CliRunner
 
+from forest_inventory.cli import app
 from pipeline.carbon.allometry import agb_chave2014_eq4_kg, dbh_jucker2017_cm
 from pipeline.carbon.wood_density import WoodDensityTable, plant_group_of
-from pipeline.cli import app
 from pipeline.errors import InputError
 from pipeline.synthetic import SPECIES_NAMES, generate_scene, place_trees
 
