@@ -137,3 +137,56 @@ def read_plots(path: str | os.PathLike, target_crs=None) -> gpd.GeoDataFrame:
     name_col = next((c for c in ("plot_id", "plot", "name") if c in plots.columns), None)
     plots["plot_id"] = plots[name_col].astype(str) if name_col else pd.RangeIndex(len(plots)).astype(str)
     return plots.reset_index(drop=True)
+
+
+def raster_grid(transform: tuple[float, ...], width: int, height: int, crs, cell_m: float = 100.0
+                ) -> gpd.GeoDataFrame:
+    """``grid_cells`` over a raster's footprint (``transform``: GDAL-order affine tuple; ``crs`` metric)."""
+    left, top = transform[2], transform[5]
+    right, bottom = left + transform[0] * width, top + transform[4] * height
+    return grid_cells((left, bottom, right, top), crs, cell_m=cell_m)
+
+
+def species_ids(species: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Integer id per tree (index into the sorted species names) and the names."""
+    names = sorted(set(species))
+    code = {n: i for i, n in enumerate(names)}
+    return np.array([code[s] for s in species], dtype=np.int64), names
+
+
+def tree_groups(trees: pd.DataFrame, grid: gpd.GeoDataFrame, plots: gpd.GeoDataFrame | None = None
+                ) -> tuple[dict[str, np.ndarray], dict]:
+    """Grouping ids per tree: ``cell`` (grid row), ``species`` and ``plot`` (when plots are given; -1
+    outside), and what each id means (``grid``, ``species`` names, ``plots``).
+
+    ``trees`` holds crown centres ``x``, ``y`` in the CRS of ``grid`` and ``plots``."""
+    x, y = trees["x"].to_numpy(), trees["y"].to_numpy()
+    groups = {"cell": np.asarray(assign_cells(x, y, grid), dtype=np.int64)}
+    groups["species"], names = species_ids(trees["species"])
+    info: dict = {"grid": grid, "species": names}
+    if plots is not None:
+        groups["plot"] = np.asarray(assign_plots(x, y, plots), dtype=np.int64)
+        info["plots"] = plots
+    return groups, info
+
+
+def group_table(groups: dict | None, name: str) -> pd.DataFrame | None:
+    """One grouping's carbon table from a ``CarbonResult.groups`` mapping (None when absent)."""
+    table = (groups or {}).get(name)
+    return None if table is None else pd.DataFrame(table)
+
+
+def with_group_totals(polygons: gpd.GeoDataFrame, table: pd.DataFrame | None) -> gpd.GeoDataFrame:
+    """Grid cells (by ``cell_id``) or plots (by row) joined with their carbon totals; polygons without
+    trees get ``n_trees`` 0 and zero masses."""
+    polygons = polygons.reset_index(drop=True)
+    if table is None or not len(table):
+        return polygons
+    ids = polygons["cell_id"].to_numpy() if "cell_id" in polygons.columns else np.arange(len(polygons))
+    joined = table.reindex(ids)
+    joined.index = polygons.index
+    mass_cols = [c for c in joined.columns if c == "n_trees" or c.endswith("_t") or c.endswith("_t_sd")]
+    joined[mass_cols] = joined[mass_cols].fillna(0)
+    joined = joined.drop(columns=[c for c in joined.columns if c in polygons.columns])
+    return gpd.GeoDataFrame(pd.concat([polygons, joined], axis=1), geometry=polygons.geometry.name,
+                            crs=polygons.crs)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,16 @@ import pandas as pd
 import pyogrio
 
 import pipeline
+from pipeline import aggregate
+from pipeline.aggregate import group_table, raster_grid, read_plots, with_group_totals
 from pipeline.atomic import atomic_path
 from pipeline.crown_store import StoredCrowns, crown_source
-from pipeline.crowns import DEFAULTS as CROWN_DEFAULTS
 from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs, resolve_seam_overlaps
 from pipeline.errors import InputError
 from pipeline.memory import compact_labels, release_free_heap
 from pipeline.onnx_model import CROWN_TASK, SPECIES_TASK, ModelMeta, OnnxModel
 from pipeline.raster import Ortho, Stretch, open_ortho
+from pipeline.summary import build_summary
 from pipeline.tiling import Tile, group_tiles, plan_tiles
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stage "tiles" advances per tile
@@ -271,7 +273,7 @@ def validate(config: InventoryConfig) -> RunPlan:
         if path is not None:
             open_height_raster(path, what).close()
     if cfg.plots is not None:
-        _read_plots(cfg.plots)
+        read_plots(cfg.plots)
     _detection_calibration(crown_path, crown.meta)  # a malformed calibration fails here, not after inference
     # with test-time augmentation the probabilities are averages: the model's TTA thresholds when it has them
     pp = dict(postprocess_kwargs(crown.meta.postprocess_tta if cfg.tta and crown.meta.postprocess_tta
@@ -477,46 +479,11 @@ def add_attributes(plan: RunPlan, crowns: gpd.GeoDataFrame) -> StoredCrowns:
     return stored
 
 
-def _read_plots(path: Path) -> gpd.GeoDataFrame:
-    try:
-        plots = gpd.read_file(path)
-    except Exception:  # noqa: BLE001 - pyogrio raises DataSourceError and others
-        raise InputError(f"{path}: --plots is not a readable vector file; pass a GeoPackage/GeoJSON of plot "
-                         "polygons") from None
-    if plots.crs is None:
-        raise InputError(f"{path}: --plots has no CRS; save it with one")
-    return plots
-
-
-def _grid(plan: RunPlan) -> gpd.GeoDataFrame:
-    from pipeline.aggregate import grid_cells
-
-    left, top = plan.transform[2], plan.transform[5]
-    right, bottom = left + plan.transform[0] * plan.width, top + plan.transform[4] * plan.height
-    return grid_cells((left, bottom, right, top), plan.crs, cell_m=plan.config.cell_m)
-
-
-def _species_ids(species: pd.Series) -> tuple[np.ndarray, list[str]]:
-    names = sorted(set(species))
-    code = {n: i for i, n in enumerate(names)}
-    return np.array([code[s] for s in species], dtype=np.int64), names
-
-
 def tree_groups(plan: RunPlan, trees: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Grouping ids per tree (``cell``, ``species``, ``plot`` when --plots) and what each id means."""
-    from pipeline.aggregate import assign_cells, assign_plots
-
-    x, y = trees["x"].to_numpy(), trees["y"].to_numpy()
-    grid = _grid(plan)
-    groups = {"cell": np.asarray(assign_cells(x, y, grid), dtype=np.int64)}
-    sp_ids, sp_names = _species_ids(trees["species"])
-    groups["species"] = sp_ids
-    info: dict[str, Any] = {"grid": grid, "species": sp_names}
-    if plan.config.plots is not None:
-        plots = _read_plots(plan.config.plots).to_crs(plan.crs)
-        groups["plot"] = np.asarray(assign_plots(x, y, plots), dtype=np.int64)
-        info["plots"] = plots
-    return groups, info
+    """``pipeline.aggregate.tree_groups`` over this run's grid and its --plots (read in the working CRS)."""
+    grid = raster_grid(plan.transform, plan.width, plan.height, plan.crs, cell_m=plan.config.cell_m)
+    plots = None if plan.config.plots is None else read_plots(plan.config.plots, target_crs=plan.crs)
+    return aggregate.tree_groups(trees, grid, plots)
 
 
 def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
@@ -554,114 +521,6 @@ def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
     return result
 
 
-def _row(obj: Any) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if isinstance(obj, pd.DataFrame):
-        return obj.iloc[0].to_dict() if len(obj) else {}
-    if isinstance(obj, pd.Series):
-        return obj.to_dict()
-    if isinstance(obj, dict):
-        return dict(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    return dict(vars(obj))
-
-
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def build_summary(plan: RunPlan, result: Any, n_trees: int) -> dict[str, Any]:
-    """summary.json content (contract keys first; masses in t, areas in ha, CRS of the working grid)."""
-    stats = group_stats(plan)
-    area_ha = stats["valid_area_m2"] / 10_000.0
-    total = _row(getattr(result, "total", None))
-    standards = getattr(result, "standards", None)
-    summary = {
-        "n_trees": int(n_trees),
-        "area_ha": area_ha,
-        "trees_per_ha": n_trees / area_ha if area_ha > 0 else float("nan"),
-        "agb_t": _num(total.get("agb_t")),
-        "carbon_t": _num(total.get("carbon_t")),
-        "co2e_t": _num(total.get("co2e_t")),
-        "co2e_t_ci90": [_num(total.get("co2e_t_ci90_low")), _num(total.get("co2e_t_ci90_high"))],
-        "crs": plan.crs_name,
-        "gsd_m": plan.gsd_m,
-        "models": dict(plan.models),
-        "elapsed_s": time.time() - plan.started,
-        "version": pipeline.__version__,
-        "agb_t_sd": _num(total.get("agb_t_sd")),
-        "agb_t_ci90": [_num(total.get("agb_t_ci90_low")), _num(total.get("agb_t_ci90_high"))],
-        "co2e_t_sd": _num(total.get("co2e_t_sd")),
-        "co2e_t_ci95": [_num(total.get("co2e_t_ci95_low")), _num(total.get("co2e_t_ci95_high"))],
-        "co2e_halfwidth90_pct": _num(total.get("co2e_halfwidth90_pct")),
-        "input": str(plan.config.ortho),
-        "bands": list(plan.config.bands),
-        "resampled_or_reprojected": bool(plan.warped),
-        "n_tiles": int(stats["n_tiles"]),
-        "n_tiles_skipped": int(stats["n_skipped"]),
-        "height_inputs": {k: str(v) for k, v in (("chm", plan.config.chm), ("dsm", plan.config.dsm),
-                                                 ("dtm", plan.config.dtm)) if v is not None},
-        "crown_model": {"path": str(plan.crown_model_path), "version": plan.crown_meta.model_version,
-                        "postprocess": {**CROWN_DEFAULTS, **plan.postprocess}},
-        "species_model": None if plan.species_meta is None else
-        {"path": str(plan.species_model_path), "version": plan.species_meta.model_version},
-        "seed": plan.config.seed,
-    }
-    if standards is not None:
-        summary["standards"] = _jsonable(standards)
-    uncertainty = getattr(result, "uncertainty", None) or {}
-    summary["warnings"] = list(getattr(result, "warnings", None) or [])
-    summary["detection_error"] = _jsonable(uncertainty.get("detection", {"included": False}))
-    if uncertainty.get("total_with_detection"):
-        summary["total_with_detection"] = _jsonable(uncertainty["total_with_detection"])
-    if callable(getattr(result, "summary", None)):
-        carbon = _jsonable(result.summary())
-        carbon.pop("total", None)
-        summary["carbon"] = carbon
-    return summary
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, pd.DataFrame):
-        return json.loads(obj.to_json(orient="records"))
-    if isinstance(obj, pd.Series):
-        return json.loads(obj.to_json())
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if hasattr(obj, "__dataclass_fields__"):
-        return _jsonable(asdict(obj))
-    return obj
-
-
-def _group_table(result: Any, name: str) -> pd.DataFrame | None:
-    groups = getattr(result, "groups", None) or {}
-    table = groups.get(name)
-    return None if table is None else pd.DataFrame(table)
-
-
-def _with_group_totals(grid: gpd.GeoDataFrame, table: pd.DataFrame | None) -> gpd.GeoDataFrame:
-    """Grid cells with their carbon totals (cells without trees get n_trees 0 and zero masses)."""
-    grid = grid.reset_index(drop=True)
-    if table is None or not len(table):
-        return grid
-    ids = grid["cell_id"].to_numpy() if "cell_id" in grid.columns else np.arange(len(grid))  # plots: by row
-    joined = table.reindex(ids)
-    joined.index = grid.index
-    mass_cols = [c for c in joined.columns if c == "n_trees" or c.endswith("_t") or c.endswith("_t_sd")]
-    joined[mass_cols] = joined[mass_cols].fillna(0)
-    joined = joined.drop(columns=[c for c in joined.columns if c in grid.columns])
-    return gpd.GeoDataFrame(pd.concat([grid, joined], axis=1), geometry=grid.geometry.name, crs=grid.crs)
-
-
 def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) -> dict[str, Any]:
     """Write every deliverable into ``out/``; all are staged in out/.work/stage and moved in only when all
     succeeded, so a failing run leaves no partial outputs. Returns the summary."""
@@ -673,8 +532,9 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
     trees = crown_source(trees)
     table = trees.table  # the attributes, in memory
     _, info = tree_groups(plan, table)
-    grid = _with_group_totals(info["grid"], _group_table(result, "cell"))
-    species_table = _group_table(result, "species")
+    carbon_groups = getattr(result, "groups", None)
+    grid = with_group_totals(info["grid"], group_table(carbon_groups, "cell"))
+    species_table = group_table(carbon_groups, "species")
     if species_table is not None and "species" not in species_table.columns:
         species_table = species_table.copy()
         names = info["species"]
@@ -682,9 +542,9 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
                                             for i in species_table.index])
     plots = None
     if "plots" in info:
-        plots = _with_group_totals(info["plots"].assign(plot_index=np.arange(len(info["plots"]))),
-                                   _group_table(result, "plot"))
-    summary = build_summary(plan, result, len(trees))
+        plots = with_group_totals(info["plots"].assign(plot_index=np.arange(len(info["plots"]))),
+                                  group_table(carbon_groups, "plot"))
+    summary = build_summary(plan, group_stats(plan), result, len(trees))
     stage = plan.work_dir / "stage"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)

@@ -577,7 +577,7 @@ def add_latency(
     """Round-robin ONNX Runtime latency of the dense models and the runs ``keys`` (default: the finished
     runs not timed yet, except ``skip_methods``), timed in ONE session so their ratios are comparable.
     Appends the session to ``*.latency.json``; every run keeps its session's dense times for its speed-up."""
-    from bench.bench_models import bench
+    from models.latency import bench
 
     results = load_results(cfg.results)
     lat_file = latency_path(cfg.results)

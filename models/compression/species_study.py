@@ -258,8 +258,8 @@ def time_onnx(paths: list[str], batch: int, threads: int = 2, warmup: int = 10, 
     Sessions are the engine's (``models.export.ort_session``: sequential, no spinning); one run of each
     model in turn, so load from other processes hits all alike. Load averages are recorded around it.
     """
-    from bench.bench_models import round_robin_ms
     from models.export import ort_session
+    from models.latency import round_robin_ms
 
     sessions = {p: ort_session(p, threads=threads) for p in paths}
     load_before = list(os.getloadavg())

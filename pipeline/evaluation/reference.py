@@ -1,7 +1,7 @@
 """Reference crowns for evaluation: boxes (DeepForest CSV, Pascal VOC; pixel coordinates of the image)
 or crown polygons (any vector format geopandas reads), returned as shapely geometries in a target CRS.
 
-Box readers live in ``models.datasets.boxes`` (torch-free; imported lazily here).
+Box readers live in ``pipeline.annotations``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ BOX_SUFFIXES = {".csv", ".xml"}
 
 
 def _image_boxes(truth: Path, image: Path):
-    from models.datasets.boxes import read_boxes
+    from pipeline.annotations import read_boxes
 
     sets = read_boxes(truth)
     if len(sets) == 1:
@@ -52,7 +52,7 @@ def read_reference(
         with rasterio.open(image) as ds:
             transform, crs = ds.transform, ds.crs
     if truth.suffix.lower() in BOX_SUFFIXES:
-        from models.datasets.boxes import boxes_to_polygons
+        from pipeline.annotations import boxes_to_polygons
 
         if crs is None:
             raise InputError(f"{image}: not georeferenced; evaluation needs a georeferenced image")
