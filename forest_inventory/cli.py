@@ -122,6 +122,8 @@ def run_cmd(
                                "unset: E 0 with SD 0.5 in the interval."),
     hd_local: str = typer.Option(None, "--hd-local", help="Local height-diameter fit a,b,c,rse: "
                                  "ln H = a + b ln D + c (ln D)^2 (H m, D cm), residual SD rse."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the inventory of another "
+                                   "orthomosaic in --out (refused otherwise; the same one resumes)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
@@ -130,12 +132,14 @@ def run_cmd(
     from rich.table import Table
 
     from pipeline.inventory import InventoryConfig, run_inventory
+    from pipeline.summary import gsd_note
 
     config = InventoryConfig(ortho=ortho, out_dir=out, chm=chm, dtm=dtm, dsm=dsm, crown_model=crown_model,
                              species_model=species_model, use_species_model=not no_species,
                              bands=parse_bands(bands) if bands else None, crs=crs, threads=threads,
                              seed=seed, plots=plots,
-                             batch_size=batch_size, tta=tta, carbon=height_diameter_options(hd_e, hd_local))
+                             batch_size=batch_size, tta=tta, carbon=height_diameter_options(hd_e, hd_local),
+                             overwrite=overwrite)
     console = Console(stderr=True)
     labels = {"tiles": "segmenting tiles", "attributes": "species and height",
               "carbon": "carbon (Monte Carlo)", "outputs": "writing outputs"}
@@ -161,7 +165,7 @@ def run_cmd(
             ("heights", "ALLOMETRIC (no CHM/DSM): see the warning below"
              if any("ALLOMETRIC" in w for w in summary.get("warnings") or []) else
              ", ".join(sorted(summary.get("height_inputs") or {})) or "-"),
-            ("CRS / GSD", f"{summary['crs']} / {summary['gsd_m']:.3f} m"),
+            ("CRS", summary["crs"]), ("GSD", gsd_note(summary)),
             ("time", f"{summary['elapsed_s']:.1f} s"), ("outputs", str(out))]
     for key, value in rows:
         table.add_row(key, value)
@@ -317,6 +321,8 @@ def evaluate_cmd(
     res = evaluate_crowns_on_image(image, truth, out, crown_model=crown_model, threads=threads,
                                    bands=parse_bands(bands) if bands else None, tta=tta,
                                    compare_to=compare_to, block_m=block_m)
+    for warning in res.get("warnings") or []:
+        typer.echo(f"warning: {warning}", err=True)
     head = res["scores"][res["headline"]]
     t4, t5 = head["thresholds"]["0.4"], head["thresholds"]["0.5"]
     typer.echo(f"{head['n_pred']} predicted / {head['n_truth']} reference crowns ({res['headline']} IoU): "

@@ -1,17 +1,22 @@
 """Atomic writers for the inventory's deliverables (each goes through ``pipeline.atomic.atomic_path``).
 
 - crowns.geojson: RFC 7946 (WGS84 lon/lat, no ``crs`` member), one Feature per tree.
-- inventory.gpkg: layers ``crowns`` (working projected CRS), ``grid``, ``species``, ``summary`` and a QGIS
-  ``layer_styles`` table whose default style colours the crowns by species.
+- inventory.gpkg: layers ``crowns`` (working projected CRS), ``grid``, ``species``, ``plots`` (with --plots),
+  ``summary`` (one row of typed columns, ``pipeline.summary.SUMMARY_COLUMNS``) and a QGIS ``layer_styles``
+  table whose default style colours the crowns by species.
 - crowns.csv: one row per tree (attributes, centroid x/y in the working CRS and lon/lat).
-- crown_mask.tif: Cloud-Optimized GeoTIFF of uint32 ``tree_id`` labels, nodata 0, rasterised block-wise.
-- quicklook.png (+ .wld and .png.aux.xml with the CRS): decimated ortho, crowns outlined by species.
+- crown_mask.tif: Cloud-Optimized GeoTIFF of uint32 ``tree_id`` labels, nodata 0, rasterised block-wise on
+  the grid the caller gives (the engine gives the input's own grid, ``RunPlan.input_ortho``).
+- quicklook.png (+ .wld and .png.aux.xml with the CRS): the ortho at its resolution (longest edge capped),
+  crowns outlined by species, a species legend and a scale bar; ``crown_map_image`` draws the same picture
+  smaller, as JPEG bytes, for the report.
 - summary.json.
 """
 
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import math
 import os
@@ -31,13 +36,14 @@ import rasterio.features
 import rasterio.shutil
 import shapely
 from affine import Affine
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from rasterio.crs import CRS
 from rasterio.windows import Window
 from shapely.geometry import box
 
 from pipeline.atomic import atomic_path
 from pipeline.crown_store import crown_source
+from pipeline.summary import SUMMARY_COLUMNS, summary_row
 
 # Per-crown properties in crowns.geojson: the engine's contract (issue 2) and the carbon contract (issue 5).
 CROWN_MASK_CACHE_MB = 16  # GDAL block cache while writing crown_mask.tif (the run's default is 64 MB)
@@ -141,7 +147,8 @@ def write_gpkg(path: str | os.PathLike, crowns: Any, grid: gpd.GeoDataFrame | No
                species: pd.DataFrame | None, summary: dict, plots: gpd.GeoDataFrame | None = None,
                chunk: int = 5000) -> Path:
     """inventory.gpkg: ``crowns`` (projected CRS; a GeoDataFrame or ``StoredCrowns``, appended ``chunk``
-    at a time), ``grid``, ``species``, ``summary``, ``layer_styles``."""
+    at a time), ``grid``, ``species``, ``plots``, ``summary`` (``summary_table``: one row, typed columns),
+    ``layer_styles``."""
     src = crown_source(crowns)
     cols = _storable_columns(src.table)  # one schema for every chunk
     with atomic_path(path) as tmp:
@@ -156,8 +163,7 @@ def write_gpkg(path: str | os.PathLike, crowns: Any, grid: gpd.GeoDataFrame | No
         if species is not None:
             pyogrio.write_dataframe(pd.DataFrame(species).reset_index(drop=True), tmp, layer="species",
                                     driver="GPKG")
-        rows = [{"key": k, "value": v if isinstance(v, str) else json.dumps(v)} for k, v in summary.items()]
-        pyogrio.write_dataframe(pd.DataFrame(rows), tmp, layer="summary", driver="GPKG")
+        pyogrio.write_dataframe(summary_table(summary), tmp, layer="summary", driver="GPKG")
         style = pd.DataFrame([{
             "f_table_catalog": "", "f_table_schema": "", "f_table_name": "crowns",
             "f_geometry_column": "geom", "styleName": "crowns by species",
@@ -169,9 +175,21 @@ def write_gpkg(path: str | os.PathLike, crowns: Any, grid: gpd.GeoDataFrame | No
     return Path(path)
 
 
+_GPKG_DTYPES = {str: "string", int: "Int64", float: "float64", bool: "boolean"}
+
+
+def summary_table(summary: dict) -> pd.DataFrame:
+    """The GeoPackage ``summary`` layer: one row, one typed column per ``SUMMARY_COLUMNS`` entry (TEXT,
+    INTEGER, REAL, BOOLEAN; NULL where unknown), readable in a GIS attribute table."""
+    row = summary_row(summary)
+    return pd.DataFrame({name: pd.Series([row[name]], dtype=_GPKG_DTYPES[kind])
+                         for name, kind, _ in SUMMARY_COLUMNS})
+
+
 def write_crown_mask(path: str | os.PathLike, crowns: Any, width: int, height: int,
                      transform: Affine, crs: CRS | str, block_px: int = 1024) -> Path:
-    """COG of uint32 ``tree_id`` labels (nodata 0) on the working grid, rasterised one block at a time.
+    """COG of uint32 ``tree_id`` labels (nodata 0) on the grid ``width`` x ``height`` at ``transform``
+    (north-up, in ``crs``, the crowns' CRS), rasterised one block at a time.
 
     Memory: one ``block_px`` block, a spatial index of the crowns' boxes, and GDAL's overview strips; GDAL's
     block cache is held to ``CROWN_MASK_CACHE_MB`` while the COG is copied from the stage file."""
@@ -249,22 +267,102 @@ def _draw_outlines(img: np.ndarray, src: Any, colour_of: np.ndarray, transform: 
         img[r0:r1][inner] = colour_of[labels[rows][inner]]
 
 
-def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray, transform: Affine,
-                    crs: CRS | str, crowns: Any, min_px: int = 1024, strip_px: int = 256) -> Path:
-    """PNG of a decimated ortho (``rgb`` [3, h, w] uint8 on ``transform``) with crown outlines coloured by
-    species, plus a world file (.wld) and a .png.aux.xml carrying the CRS so GIS places it.
+def _font(size_px: int) -> ImageFont.ImageFont:
+    """Pillow's bundled font at ``size_px`` (a bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size_px)
+    except (TypeError, OSError):  # pragma: no cover - Pillow without FreeType
+        return ImageFont.load_default()
 
-    Outlines are drawn in strips of ``strip_px`` rows (one-row halo), so the label raster behind them is a
-    strip, not the whole picture."""
-    path = Path(path)
-    k = max(1, min_px // max(valid.shape))  # small scenes: enlarge (nearest) so outlines stay thin
-    if k > 1:
-        rgb = np.repeat(np.repeat(rgb, k, axis=1), k, axis=2)
-        valid = np.repeat(np.repeat(valid, k, axis=0), k, axis=1)
-        transform = transform @ Affine.scale(1 / k)
+
+def _resample(rgb: np.ndarray, valid: np.ndarray, transform: Affine, min_px: int, max_px: int | None
+              ) -> tuple[np.ndarray, np.ndarray, Affine]:
+    """[h, w, 3] picture (white where invalid) of ``rgb`` [3, h, w] and its transform. Without ``max_px``
+    (the georeferenced quicklook): enlarged by a whole factor to at least ``min_px`` on its longest edge
+    (smooth bicubic, so a small input does not turn into blocks; crown outlines drawn afterwards stay one
+    pixel wide). With ``max_px`` (the report's picture): fitted to ``max_px`` on its longest edge (Lanczos
+    when shrinking; bicubic, at most 4x, when enlarging)."""
+    h, w = valid.shape
     img = np.where(valid[..., None], rgb.transpose(1, 2, 0), np.uint8(255)).astype(np.uint8, copy=False)
+    k = max(1, min_px // max(h, w, 1))
+    if max_px is not None and max(h, w) != max_px:
+        f = max(h, w) / max_px
+        f = max(f, 0.25)
+        size = (max(1, round(w / f)), max(1, round(h / f)))
+        method = Image.Resampling.LANCZOS if f > 1 else Image.Resampling.BICUBIC
+    elif max_px is None and k > 1:
+        size, method = (w * k, h * k), Image.Resampling.BICUBIC
+    else:
+        return img, valid, transform
+    img = np.asarray(Image.fromarray(img).resize(size, method))
+    valid = np.asarray(Image.fromarray(valid).resize(size, Image.Resampling.NEAREST))
+    img = np.where(valid[..., None], img, np.uint8(255)).astype(np.uint8)
+    return img, valid, transform @ Affine.scale(w / size[0], h / size[1])
+
+
+def _nice_length(max_m: float) -> float:
+    """The largest 1, 2 or 5 x 10^k metres not above ``max_m``."""
+    mag = 10 ** math.floor(math.log10(max(max_m, 1e-9)))
+    return max(m * mag for m in (1, 2, 5) if m * mag <= max_m + 1e-12)
+
+
+def _decorate(img: np.ndarray, pixel_m: float, legend: list[tuple[str, tuple[int, int, int], int]]) -> None:
+    """Draw, in place on ``img`` [h, w, 3], a scale bar (bottom left, ``pixel_m`` metres a pixel), a north
+    arrow (bottom right) and the species legend (top right: outline colour, name, number of crowns)."""
+    h, w = img.shape[:2]
+    size = int(np.clip(min(h, w) / 45, 11, 22))
+    font, pad = _font(size), max(3, size // 3)
+    canvas = Image.fromarray(img)
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    # scale bar: about a fifth of the width, two halves black and white
+    bar_m = _nice_length(0.22 * w * pixel_m)
+    bar_px = max(2, round(bar_m / pixel_m))
+    x0, y1 = 2 * pad, h - 2 * pad
+    label = f"{bar_m:g} m"
+    tw = draw.textlength(label, font=font)
+    draw.rectangle([x0 - pad, y1 - size - 2 * pad - 8, x0 + max(bar_px, tw) + pad, y1 + pad],
+                   fill=(255, 255, 255, 200))
+    half = bar_px // 2
+    draw.rectangle([x0, y1 - 6, x0 + half, y1], fill=(0, 0, 0, 255))
+    draw.rectangle([x0 + half, y1 - 6, x0 + bar_px, y1], fill=(255, 255, 255, 255), outline=(0, 0, 0, 255))
+    draw.text((x0, y1 - 8 - pad), label, fill=(0, 0, 0, 255), font=font, anchor="ld")
+    # north arrow
+    ax, ay = w - 2 * pad - size // 2, h - 2 * pad
+    draw.rectangle([ax - size // 2 - pad, ay - 2 * size - 2 * pad, ax + size // 2 + pad, ay + pad],
+                   fill=(255, 255, 255, 200))
+    draw.polygon([(ax, ay - 2 * size), (ax - size // 2, ay - size), (ax + size // 2, ay - size)],
+                 fill=(0, 0, 0, 255))
+    draw.text((ax, ay), "N", fill=(0, 0, 0, 255), font=font, anchor="md")
+    if not legend:
+        img[...] = np.asarray(canvas)
+        return
+    shown = legend[:12]
+    lines = [(f"{name} ({n:,})", colour) for name, colour, n in shown]
+    if len(legend) > len(shown):
+        lines.append((f"+ {len(legend) - len(shown)} more species", (255, 255, 255)))
+    title = "crown outlines by species"
+    width = max(draw.textlength(t, font=font) for t in [title] + [t for t, _ in lines]) + size + 3 * pad
+    row = size + pad
+    height = row * (len(lines) + 1) + 2 * pad
+    lx = max(0, w - width - 2 * pad)
+    draw.rectangle([lx, 2 * pad, lx + width, 2 * pad + height], fill=(255, 255, 255, 215))
+    draw.text((lx + pad, 3 * pad), title, fill=(0, 0, 0, 255), font=font, anchor="lt")
+    for i, (text, colour) in enumerate(lines, start=1):
+        y = 3 * pad + i * row
+        draw.rectangle([lx + pad, y + 1, lx + pad + size - 2, y + size - 2], outline=(*colour, 255),
+                       width=max(2, size // 6), fill=(*colour, 60))
+        draw.text((lx + 2 * pad + size, y), text, fill=(0, 0, 0, 255), font=font, anchor="lt")
+    img[...] = np.asarray(canvas)
+
+
+def _crown_picture(rgb: np.ndarray, valid: np.ndarray, transform: Affine, crowns: Any, min_px: int,
+                   max_px: int | None, strip_px: int) -> tuple[np.ndarray, Affine]:
+    """The quicklook picture: ortho (``_resample``), crown outlines by species, legend and scale bar."""
+    img, valid, transform = _resample(rgb, valid, transform, min_px, max_px)
     del rgb, valid
+    img = np.array(img, copy=True)
     src = crown_source(crowns)
+    legend: list[tuple[str, tuple[int, int, int], int]] = []
     if len(src):
         species = list(src.table["species"]) if "species" in src.columns else ["unknown"] * len(src)
         colours = species_colours(species)
@@ -273,6 +371,23 @@ def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray,
         palette = np.array([(0, 0, 0)] + [colours[n] for n in names], dtype=np.uint8)
         colour_of = palette[np.array([0] + [code[s] for s in species], dtype=np.int64)]  # by label
         _draw_outlines(img, src, colour_of, transform, strip_px)
+        counts = pd.Series(species).value_counts()
+        legend = [(str(name), colours[name], int(n)) for name, n in counts.items()]
+    _decorate(img, math.sqrt(abs(transform.determinant)), legend)
+    return img, transform
+
+
+def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray, transform: Affine,
+                    crs: CRS | str, crowns: Any, min_px: int = 1024, strip_px: int = 256) -> Path:
+    """PNG of the ortho (``rgb`` [3, h, w] uint8 on ``transform``, the input's resolution or coarser) with
+    crown outlines coloured by species, a legend of the species (top right), a scale bar and a north arrow
+    (bottom), plus a world file (.wld) and a .png.aux.xml carrying the CRS so GIS places it. A picture
+    smaller than ``min_px`` is enlarged by a whole factor (bicubic) so outlines stay thin.
+
+    Outlines are drawn in strips of ``strip_px`` rows (one-row halo), so the label raster behind them is a
+    strip, not the whole picture."""
+    path = Path(path)
+    img, transform = _crown_picture(rgb, valid, transform, crowns, min_px, None, strip_px)
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
     wld = "\n".join(f"{v:.10f}" for v in (a, d, b, e, c + a / 2 + b / 2, f + d / 2 + e / 2)) + "\n"
     aux = f"<PAMDataset>\n  <SRS>{escape(CRS.from_user_input(crs).to_wkt())}</SRS>\n</PAMDataset>\n"
@@ -283,6 +398,18 @@ def write_quicklook(path: str | os.PathLike, rgb: np.ndarray, valid: np.ndarray,
         tmp_wld.write_text(wld)
         tmp_aux.write_text(aux)
     return path
+
+
+def crown_map_image(rgb: np.ndarray, valid: np.ndarray, transform: Affine, crowns: Any, max_px: int = 960,
+                    strip_px: int = 256) -> dict[str, Any]:
+    """The quicklook's picture (same ortho, outlines, legend, scale bar) fitted to ``max_px`` on its longest
+    edge (at most 4x enlarged), as JPEG for the report:
+    ``{"data": bytes, "mime": "image/jpeg", "width", "height", "pixel_m"}``."""
+    img, transform = _crown_picture(rgb, valid, transform, crowns, max_px, max_px, strip_px)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=88, subsampling=0, optimize=True)
+    return {"data": buf.getvalue(), "mime": "image/jpeg", "width": int(img.shape[1]),
+            "height": int(img.shape[0]), "pixel_m": float(math.sqrt(abs(transform.determinant)))}
 
 
 def write_summary_json(path: str | os.PathLike, summary: dict) -> Path:

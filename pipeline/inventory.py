@@ -42,6 +42,8 @@ from pipeline.tiling import Tile, group_tiles, plan_tiles
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stage "tiles" advances per tile
 
+QUICKLOOK_MAX_PX = 2048  # quicklook.png: the input's resolution, its longest edge capped at this
+REPORT_MAP_PX = 960  # the crown map inside report.html, longest edge in px
 OUTPUT_NAMES = ("crowns.geojson", "inventory.gpkg", "crowns.csv", "crown_mask.tif", "quicklook.png",
                 "quicklook.wld", "quicklook.png.aux.xml", "summary.json", "report.html")
 
@@ -77,6 +79,7 @@ class InventoryConfig:
     postprocess: dict[str, float] = field(default_factory=dict)  # overrides the model's own thresholds
     tta: bool = False  # crown model averaged over 4 flipped/rotated views of each tile (4x segmentation time)
     carbon: dict[str, Any] = field(default_factory=dict)  # extra CarbonConfig fields
+    overwrite: bool = False  # replace an --out that holds the inventory of another orthomosaic
 
     def __post_init__(self) -> None:
         for name in ("ortho", "out_dir", "chm", "dtm", "dsm", "crown_model", "species_model", "plots"):
@@ -111,6 +114,9 @@ class RunPlan:
     fingerprint: str
     stretch: Stretch | None = None  # the one stretch of the orthomosaic (computed once, in validate)
     started: float = field(default_factory=time.time)
+    input_gsd_m: float | None = None  # the input's own GSD (m, measured in the working CRS)
+    output_grid_note: str = "input"  # the grid of crown_mask.tif and quicklook.png (see input_ortho)
+    warnings: list[str] = field(default_factory=list)  # input warnings for the summary (e.g. plots outside)
     _local: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -134,6 +140,20 @@ class RunPlan:
                                         target_gsd_m=self.crown_meta.gsd_m, stretch=self.stretch)
         return cache["ortho"]
 
+    def input_ortho(self) -> Ortho:
+        """The orthomosaic at its own GSD (not the model's), in the working CRS: the grid of crown_mask.tif
+        and quicklook.png. For an input in a metric projected CRS, north-up, this is the input's own grid;
+        a geographic, Web-Mercator or rotated input is reprojected onto the local UTM zone at its GSD. The
+        working grid itself when the input was not resampled. One handle per thread."""
+        if not self.warped:
+            return self.ortho()
+        cache = self._cache()
+        if "input_ortho" not in cache:
+            cfg = self.config
+            cache["input_ortho"] = open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, target_gsd_m=None,
+                                              stretch=self.stretch)
+        return cache["input_ortho"]
+
     def crown_model(self) -> OnnxModel:
         return _shared_model(self.crown_model_path, self.config.threads, CROWN_TASK)
 
@@ -152,9 +172,10 @@ class RunPlan:
     def close(self) -> None:
         """Close this thread's open orthomosaic handle."""
         cache = self._cache()
-        ortho = cache.pop("ortho", None)
-        if ortho is not None:
-            ortho.close()
+        for key in ("ortho", "input_ortho"):
+            ortho = cache.pop(key, None)
+            if ortho is not None:
+                ortho.close()
 
 
 _MODELS: dict[tuple[str, int | None], OnnxModel] = {}
@@ -243,6 +264,50 @@ def _check_height_overlap(path: Path, what: str, ortho: Ortho) -> None:
                          f"{what} of the same site (check its CRS)")
 
 
+def _check_plots_overlap(path: Path, ortho: Ortho) -> str | None:
+    """Plots (read in the working CRS) must overlap the orthomosaic: none inside is an InputError; some
+    outside gives a warning (returned) naming them."""
+    from shapely.geometry import box
+
+    plots = read_plots(path, target_crs=ortho.crs)
+    inside = plots.geometry.intersects(box(*ortho.bounds)).to_numpy()
+    if not inside.any():
+        raise InputError(f"{path}: none of its {len(plots)} plot(s) overlap the orthomosaic "
+                         f"{ortho.path.name}; pass the plots of this site (check the plots file's CRS)")
+    if not inside.all():
+        names = ", ".join(plots["plot_id"].astype(str)[~inside].head(5))
+        more = " ..." if (~inside).sum() > 5 else ""
+        return (f"{(~inside).sum()} of {len(plots)} plot(s) in {path.name} lie outside the orthomosaic "
+                f"({names}{more}): they have no trees and no totals")
+    return None
+
+
+def _check_out_is_ours(cfg: InventoryConfig) -> None:
+    """Refuse an --out that holds the inventory of another orthomosaic (unless ``cfg.overwrite``): the
+    same orthomosaic again resumes or overwrites, as before. The previous input is read from
+    ``.work/plan.json`` (or summary.json); same file = same resolved path, or same name and size."""
+    if cfg.overwrite:
+        return
+    previous = None
+    plan_file, summary_file = cfg.out_dir / ".work" / "plan.json", cfg.out_dir / "summary.json"
+    with contextlib.suppress(OSError, ValueError, TypeError, IndexError, AttributeError):
+        previous = json.loads(plan_file.read_text())["ortho"][:2]
+    if previous is None:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+            name = json.loads(summary_file.read_text())["input"]
+            path = Path(name) if Path(name).is_absolute() else None
+            previous = [str(path.resolve()) if path else name, path.stat().st_size if path and path.exists()
+                        else None]
+    if not previous or not previous[0]:
+        return
+    old_path, old_size = Path(str(previous[0])), previous[1]
+    new = cfg.ortho.resolve()
+    same = str(old_path) == str(new) or (old_path.name == new.name and old_size == new.stat().st_size)
+    if not same:
+        raise InputError(f"{cfg.out_dir}: holds the inventory of another orthomosaic ({old_path.name}); pass "
+                         f"another --out (e.g. --out out/{cfg.ortho.stem}) or --overwrite to replace it")
+
+
 def validate(config: InventoryConfig) -> RunPlan:
     """Open and check every input and model, plan tiles and tile groups, prepare ``out/.work``.
 
@@ -274,6 +339,8 @@ def validate(config: InventoryConfig) -> RunPlan:
             open_height_raster(path, what).close()
     if cfg.plots is not None:
         read_plots(cfg.plots)
+    _check_out_is_ours(cfg)
+    warnings: list[str] = []
     _detection_calibration(crown_path, crown.meta)  # a malformed calibration fails here, not after inference
     # with test-time augmentation the probabilities are averages: the model's TTA thresholds when it has them
     pp = dict(postprocess_kwargs(crown.meta.postprocess_tta if cfg.tta and crown.meta.postprocess_tta
@@ -284,6 +351,14 @@ def validate(config: InventoryConfig) -> RunPlan:
         for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
             if path is not None:
                 _check_height_overlap(path, what, ortho)
+        if cfg.plots is not None:
+            warnings += [w for w in [_check_plots_overlap(cfg.plots, ortho)] if w]
+        input_gsd_m = ortho.native_gsd_m
+        grid_note = "input"  # crown_mask.tif and quicklook.png: see RunPlan.input_ortho
+        if ortho.warped:
+            with open_ortho(cfg.ortho, bands=cfg.bands, crs=cfg.crs, stretch=ortho.stretch) as native:
+                if native.warped:
+                    grid_note = f"{native.crs.to_string()} at the input GSD ({native.gsd_m:.3f} m)"
         tiles = plan_tiles(ortho.width, ortho.height, crown.meta.tile_size, crown.meta.overlap_px)
         grid = dict(width=ortho.width, height=ortho.height, transform=tuple(ortho.transform)[:6],
                     crs=ortho.crs.to_wkt(), crs_name=ortho.crs.to_string(), gsd_m=ortho.gsd_m,
@@ -318,7 +393,8 @@ def validate(config: InventoryConfig) -> RunPlan:
         tmp.write_text(json.dumps({"fingerprint": fingerprint, **fp_doc}, indent=1))
     return RunPlan(config=cfg, work_dir=work, crown_model_path=crown_path, species_model_path=species_path,
                    models=models, crown_meta=crown.meta, species_meta=species.meta if species else None,
-                   postprocess=pp, tiles=tiles, groups=groups, fingerprint=fingerprint, **grid)
+                   postprocess=pp, tiles=tiles, groups=groups, fingerprint=fingerprint,
+                   input_gsd_m=input_gsd_m, output_grid_note=grid_note, warnings=warnings, **grid)
 
 
 def _detection_calibration(path: Path, meta: ModelMeta) -> dict[str, Any] | None:
@@ -541,9 +617,16 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
         species_table.insert(0, "species", [names[int(i)] if 0 <= int(i) < len(names) else "none"
                                             for i in species_table.index])
     plots = None
+    report_groups = dict(carbon_groups or {})
     if "plots" in info:
         plots = with_group_totals(info["plots"].assign(plot_index=np.arange(len(info["plots"]))),
                                   group_table(carbon_groups, "plot"))
+        plot_table = group_table(carbon_groups, "plot")
+        if plot_table is not None:  # the report names plots by their plot_id, not their row number
+            names = info["plots"]["plot_id"].astype(str).to_numpy()
+            plot_table.insert(0, "plot_id", [names[int(i)] if 0 <= int(i) < len(names) else str(i)
+                                             for i in plot_table.index])
+            report_groups["plot"] = plot_table
     summary = build_summary(plan, group_stats(plan), result, len(trees))
     stage = plan.work_dir / "stage"
     shutil.rmtree(stage, ignore_errors=True)
@@ -560,15 +643,16 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
             if progress:
                 progress("outputs", done, steps)
 
-        ortho = plan.ortho()
+        ortho = plan.input_ortho()  # crown mask and quicklook on the input's grid (see RunPlan.input_ortho)
         # one writer at a time: the peak is the largest writer's working set, not the sum of two (the COG
         # in a thread beside the vector layers saved 3 % of the wall time and cost 110 MB more at 4 km²)
         export.write_geojson(stage / "crowns.geojson", trees)
         step()
         export.write_csv(stage / "crowns.csv", trees)
         step()
-        rgb, valid, qt = ortho.read_decimated(2048)
+        rgb, valid, qt = ortho.read_decimated(QUICKLOOK_MAX_PX)
         export.write_quicklook(stage / "quicklook.png", rgb, valid, qt, ortho.crs, trees)
+        crown_map = export.crown_map_image(rgb, valid, qt, trees, max_px=REPORT_MAP_PX)
         del rgb, valid
         step()
         summary["elapsed_s"] = time.time() - plan.started
@@ -580,11 +664,11 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
         except ImportError:
             write_report = None
         if write_report is not None:
-            write_report(stage / "report.html", summary, table, getattr(result, "groups", {}),
-                         grid=info["grid"], carbon=result, cell_m=plan.config.cell_m)
+            write_report(stage / "report.html", summary, table, report_groups, grid=info["grid"],
+                         carbon=result, cell_m=plan.config.cell_m, crown_map=crown_map)
             summary["outputs"].append("report.html")
         step()
-        export.write_crown_mask(stage / "crown_mask.tif", trees, plan.width, plan.height, ortho.transform,
+        export.write_crown_mask(stage / "crown_mask.tif", trees, ortho.width, ortho.height, ortho.transform,
                                 ortho.crs)
         step()
         summary["elapsed_s"] = time.time() - plan.started

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pyproj.aoi import AreaOfInterest
 from pyproj.database import query_utm_crs_info
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -111,16 +112,20 @@ class Ortho:
         self.path = Path(path)
         if not self.path.exists() and not str(path).startswith("/vsi"):
             raise InputError(f"{self.path}: orthomosaic not found; pass an existing GeoTIFF/COG/VRT")
-        try:
-            self._src = rasterio.open(self.path)
-        except RasterioIOError as exc:
-            raise InputError(f"{self.path}: not a readable raster ({str(exc).splitlines()[0][:120]}); pass a "
-                             "GeoTIFF, COG or VRT") from None
-        try:
-            self._setup(bands, crs, target_gsd_m, stretch)
-        except BaseException:
-            self._src.close()
-            raise
+        # an image without georeferencing makes rasterio warn (two lines on the console) before the one-line
+        # error below says what is missing and how to fix it: the warning is not shown
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            try:
+                self._src = rasterio.open(self.path)
+            except RasterioIOError as exc:
+                raise InputError(f"{self.path}: not a readable raster ({str(exc).splitlines()[0][:120]}); "
+                                 "pass a GeoTIFF, COG or VRT") from None
+            try:
+                self._setup(bands, crs, target_gsd_m, stretch)
+            except BaseException:
+                self._src.close()
+                raise
 
     def _setup(self, bands: tuple[int, ...] | None, crs: str | None, target_gsd_m: float | None,
                stretch: Stretch | None = None) -> None:
@@ -139,6 +144,8 @@ class Ortho:
                              "choose the colour bands, e.g. --bands 1,2,3")
         self.bands = tuple(int(b) for b in bands)
         self.dtype = src.dtypes[bands[0] - 1]
+        if src.transform.is_identity and not src.gcps[0]:
+            raise InputError(georeference_hint(self.path))
         if crs and str(crs).strip().isdigit():
             crs = f"EPSG:{str(crs).strip()}"  # --crs 32617 means EPSG:32617
         if crs:
@@ -149,10 +156,8 @@ class Ortho:
         elif src.crs:
             self.src_crs = src.crs
         else:
-            raise InputError(f"{self.path}: has no CRS; pass --crs EPSG:XXXX with the CRS it was produced in")
-        if src.transform.is_identity and not src.gcps[0]:
-            raise InputError(f"{self.path}: has no georeferencing (identity transform); georeference it or "
-                             "export the orthomosaic as a GeoTIFF")
+            raise InputError(f"{self.path}: has a geotransform but no CRS; pass --crs EPSG:XXXX with the CRS "
+                             "it was produced in")
         rotated = abs(src.transform.b) > 1e-12 or abs(src.transform.d) > 1e-12
         metric = _is_metric_projected(self.src_crs)
         assigned = crs is not None and (src.crs is None or CRS.from_user_input(crs) != src.crs)
@@ -323,6 +328,15 @@ class Ortho:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def georeference_hint(path: Path) -> str:
+    """The one message for an image without georeferencing (no geotransform, no GCPs, no world file): what
+    is missing and the two fixes (a georeferenced copy with gdal_translate, or a world file plus --crs)."""
+    return (f"{path}: has no georeferencing (no geotransform or world file), so its position and pixel size "
+            f"are unknown; georeference it, e.g. gdal_translate -a_srs EPSG:32617 -a_ullr ULX ULY LRX LRY "
+            f"{path.name} {path.stem}_geo.tif (corner coordinates in that CRS), or put a world file "
+            f"({path.stem}.wld) beside it and pass --crs EPSG:XXXX")
 
 
 def default_bands(colorinterp: tuple[ColorInterp, ...], path: str | os.PathLike) -> tuple[int, int, int]:

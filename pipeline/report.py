@@ -1,23 +1,31 @@
 """Self-contained HTML report (``report.html``): summary, standards, equations and inline SVG charts.
 
 No scripts, fonts, images or style sheets are loaded from anywhere: the file works offline and can be
-archived with the inventory. Charts: species composition, height and diameter distributions, AGB per hectare
-map of the grid cells, and an interval plot of the CO2e estimates with their 90% / 95% intervals.
+archived with the inventory (the one picture, the crown map, is inline as a ``data:`` URI). Sections: headline
+cards; models and their accuracy (names, versions, compression, the validation scores from the model
+metadata, and a caveat when the crown model's pooled validation F1@0.4 is under
+``pipeline.summary.CROWN_F1_CAVEAT``); the crown map (crowns over the orthomosaic, legend, scale bar); what
+the interval includes; the standards; charts (species composition, height and diameter distributions, AGB
+per hectare map of the grid cells, CO2e intervals); totals by plot (named by ``plot_id``), species and cell;
+allometric sensitivity; equations and sources.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import html
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.atomic import atomic_path
+from pipeline.summary import CROWN_F1_CAVEAT, gsd_note
 
 PALETTE = ["#2a6f4e", "#d08c2e", "#4f7cac", "#a44a3f", "#7d5ba6", "#5c9e9a", "#c2b04b", "#8a8a8a",
            "#b5651d", "#3b5b7a"]
@@ -42,6 +50,8 @@ figure{background:#fff;border:1px solid #dde3dc;border-radius:8px;margin:0;paddi
 figcaption{font-size:.85em;color:#5a6760;margin-top:4px;max-width:480px}
 .note{background:#fff8e6;border-left:4px solid #d08c2e;padding:8px 12px;font-size:.9em}
 .warn{background:#fde8e6;border-left:4px solid #b3261e;padding:8px 12px;font-weight:600}
+.map img{display:block;max-width:100%;height:auto}
+code{font-size:.9em;word-break:break-all}
 svg text{font-family:inherit}
 """
 
@@ -248,6 +258,11 @@ def interval_chart(labels: Sequence[str], mean: Sequence[float], lo90: Sequence[
 
 
 # ------------------------------------------------------------------------------------------ the report
+def _is_count(column: str) -> bool:
+    """Columns that hold counts (printed without decimals even when stored as floats)."""
+    return column == "n_trees" or column.startswith("n_") or column in ("cell", "cell_id", "plot_index")
+
+
 def _table(frame: pd.DataFrame, columns: Sequence[tuple[str, str]], max_rows: int = 50) -> str:
     cols = [(c, t) for c, t in columns if c in frame.columns]
     head = "".join(f"<th>{_e(t)}</th>" for _, t in cols)
@@ -257,7 +272,7 @@ def _table(frame: pd.DataFrame, columns: Sequence[tuple[str, str]], max_rows: in
         for c, _ in cols:
             v = r[c]
             num = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-            digits = 0 if isinstance(v, int | np.integer) else 1
+            digits = 0 if isinstance(v, int | np.integer) or _is_count(c) else 1
             cells.append(f'<td class="n">{_fmt(v, digits)}</td>' if num
                          else f"<td>{_e(v)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -375,21 +390,98 @@ def _interval_section(summary: dict, carbon: Any) -> str:
                      "carries no detection calibration; assess it with "
                      "<code>forest-inventory evaluate</code> on reference plots before using these "
                      "numbers.</p>")
-    models = []
-    for key in ("crown_model", "species_model"):
-        m = summary.get(key)
-        if isinstance(m, dict):
-            models.append((key.replace("_", " "), f"{m.get('path')} (version {m.get('version')})"))
-    for name, sha in (summary.get("models") or {}).items():
-        models.append((f"{name} sha256", str(sha)))
-    if models:
-        parts.append("<p>Models used:</p><table><tr><th>model</th><th>file, version</th></tr>"
-                     + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in models) + "</table>")
     return "".join(parts) or "<p>Not computed.</p>"
 
 
+def _metric_rows(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Flattened (name, value) pairs of a ``validation_metrics`` document (numbers to 3 decimals)."""
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _metric_rows(value, f"{name}.")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            rows.append((name, str(value)))
+        else:
+            rows.append((name, f"{value:g}" if float(value).is_integer() else f"{value:.3f}"))
+    return rows
+
+
+def _models_section(summary: dict) -> str:
+    """Models and their accuracy: file, version, GSD, compression record and sha256 of each model; the
+    crown model's validation scores (pooled and per site) and the species model's; caveats."""
+    shas = dict(summary.get("models") or {})
+    head = ("<table><tr><th>model</th><th>file</th><th>version</th><th>GSD (m)</th><th>compression</th>"
+            "<th>sha256</th></tr>")
+    rows, details = [], []
+    for key, role in (("crown_model", "crown segmentation"), ("species_model", "species")):
+        m = summary.get(key)
+        if not isinstance(m, dict):
+            if key == "species_model":
+                rows.append(f"<tr><td>{role}</td><td colspan='5'>none: every tree's species is "
+                            "'unknown' (generic wood density)</td></tr>")
+            continue
+        name = m.get("name") or Path(str(m.get("path", "?"))).stem
+        sha = m.get("sha256") or shas.get(name, "")
+        rows.append(f"<tr><td>{role}</td><td><code>{_e(m.get('path', name))}</code></td>"
+                    f"<td>{_e(m.get('version'))}</td><td class='n'>{_fmt(m.get('gsd_m'), 3)}</td>"
+                    f"<td>{_e(m.get('compression_text', 'not recorded'))}</td>"
+                    f"<td><code>{_e(sha)}</code></td></tr>")
+        block = [f"<h3>{_e(role)} model <code>{_e(name)}</code>: validation scores from its metadata</h3>"]
+        acc = m.get("accuracy")
+        metrics = m.get("validation_metrics") or {}
+        if acc and acc.get("f1_iou0.4") is not None:
+            block.append(
+                f"<p>Pooled over its validation plots ({_fmt(acc.get('n_truth'), 0)} reference crowns): "
+                f"<b>F1 {_fmt(acc['f1_iou0.4'], 3)}</b> at IoU 0.4 (precision "
+                f"{_fmt(acc.get('precision_iou0.4'), 3)}, recall {_fmt(acc.get('recall_iou0.4'), 3)}); "
+                f"the caveat threshold is F1 {CROWN_F1_CAVEAT:g}.</p>")
+            sites = acc.get("sites") or {}
+            if sites:
+                block.append("<table><tr><th>validation site</th><th>F1@0.4</th>"
+                             "<th>reference crowns</th></tr>"
+                             + "".join(f"<tr><td>{_e(k)}</td><td class='n'>{_fmt(v.get('f1_iou0.4'), 3)}</td>"
+                                       f"<td class='n'>{_fmt(v.get('n_truth'), 0)}</td></tr>"
+                                       for k, v in sites.items()) + "</table>")
+        elif metrics:
+            block.append("<table><tr><th>metric</th><th>value</th></tr>" + "".join(
+                f"<tr><td>{_e(k)}</td><td class='n'>{_e(v)}</td></tr>" for k, v in _metric_rows(metrics)[:16])
+                + "</table>")
+        else:
+            block.append("<p>The model carries no validation scores.</p>")
+        if m.get("training_data"):
+            text = str(m["training_data"])
+            more = "…" if len(text) > 400 else ""
+            block.append(f"<p class='meta'>Training data: {_e(text[:400])}{more}</p>")
+        if m.get("caveat"):
+            block.append(f"<p class='warn'>{_e(m['caveat'])}</p>")
+        if m.get("card"):
+            block.append(f"<p class='meta'>Model card: <code>{_e(m['card'])}</code></p>")
+        details.append("".join(block))
+    if not rows:  # an old summary: names and sha256 only
+        rows = [f"<tr><td>{_e(k)}</td><td colspan='4'></td><td><code>{_e(v)}</code></td></tr>"
+                for k, v in shas.items()]
+    return head + "".join(rows) + "</table>" + "".join(details)
+
+
+def _crown_map_section(crown_map: dict | None, summary: dict) -> str:
+    """The crown map (the quicklook's picture: crowns outlined by species over the orthomosaic, legend,
+    scale bar), inline as a data: URI."""
+    if not crown_map or not crown_map.get("data"):
+        return "<p>No crown map (see quicklook.png).</p>"
+    uri = f"data:{crown_map.get('mime', 'image/jpeg')};base64,{base64.b64encode(crown_map['data']).decode()}"
+    n = summary.get("n_trees")
+    caption = (f"{_fmt(n, 0)} crowns outlined by species over the orthomosaic "
+               f"({_fmt(crown_map.get('pixel_m'), 2)} m a pixel here; quicklook.png and crown_mask.tif hold "
+               "the full resolution).")
+    return (f"<figure class='map'><img src=\"{uri}\" width=\"{int(crown_map['width'])}\" "
+            f"height=\"{int(crown_map['height'])}\" alt=\"Crown map: crowns outlined by species over the "
+            f"orthomosaic\"><figcaption>{_e(caption)}</figcaption></figure>")
+
+
 def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None, grid=None,
-                  carbon: Any = None, title: str = "Forest carbon inventory", cell_m: float = 100.0) -> str:
+                  carbon: Any = None, title: str = "Forest carbon inventory", cell_m: float = 100.0,
+                  crown_map: dict | None = None) -> str:
     """The report as one HTML string (see ``write_report``)."""
     groups = {k: pd.DataFrame(v) for k, v in (groups or {}).items() if v is not None}
     trees = trees if trees is not None else pd.DataFrame()
@@ -407,7 +499,8 @@ def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None
              ("90% half-width", f"{_fmt(s.get('co2e_halfwidth90_pct'))} %"),
              ("CO2e per ha (t)", _fmt(per_ha))]
     card_html = "".join(f"<div class='card'><b>{v}</b><span>{_e(k)}</span></div>" for k, v in cards)
-    meta = [("input", summary.get("input")), ("CRS", summary.get("crs")), ("GSD (m)", summary.get("gsd_m")),
+    meta = [("input", summary.get("input")), ("CRS", summary.get("crs")),
+            ("GSD", gsd_note(summary) if summary.get("gsd_m") is not None else None),
             ("version", summary.get("version")), ("seed", summary.get("seed")),
             ("Monte Carlo draws", getattr(getattr(carbon, "config", None), "n_draws", None)),
             ("generated", _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))]
@@ -453,14 +546,22 @@ def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None
                                               "cm"), "Stem diameters estimated from height and crown "
                                                      "diameter (Jucker et al. 2017)."))
     cells = _cells_frame(groups, grid, trees, cell_m)
-    charts.append(_figure(agb_map_chart(cells), "Aboveground biomass density per grid cell (t/ha)."))
+    one_cell = cells is not None and len(cells) == 1
+    charts.append(_figure(agb_map_chart(cells), f"Aboveground biomass density per {cell_m:g} m grid cell "
+                          "(t/ha)." + (" The whole image lies in one cell: see the crown map for where the "
+                                        "trees are." if one_cell else "")))
     rows = []
     for name in ("plot", "species"):
         g = groups.get(name)
         if g is None or not len(g):
             continue
         for gid, r in g.sort_values("co2e_t", ascending=False).head(12).iterrows():
-            label = r["species"] if name == "species" and "species" in g.columns else f"{name} {gid}"
+            if name == "species" and "species" in g.columns:
+                label = r["species"]
+            elif name == "plot" and "plot_id" in g.columns:
+                label = f"plot {r['plot_id']}"
+            else:
+                label = f"{name} {gid}"
             rows.append((str(label), r))
     if s.get("co2e_t") is not None:
         rows.append(("TOTAL", pd.Series({"co2e_t": s.get("co2e_t"), "co2e_t_ci90_low": ci90[0],
@@ -484,6 +585,8 @@ def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None
         cols = list(GROUP_COLUMNS)
         if name == "species" and "species" in g.columns:
             cols = [("species", "species")] + cols
+        elif name == "plot" and "plot_id" in g.columns:
+            cols = [("plot_id", "plot")] + cols
         else:
             g.insert(0, name, g.index)
             cols = [(name, name)] + cols
@@ -507,6 +610,10 @@ def render_report(summary: dict, trees: pd.DataFrame, groups: dict | None = None
 <p class="meta">{meta_html}</p>
 {warn_html}
 <div class="cards">{card_html}</div>
+<h2>Models and their accuracy</h2>
+{_models_section(summary)}
+<h2>Crown map</h2>
+{_crown_map_section(crown_map, summary)}
 <h2>What this interval includes and what it does not</h2>
 {interval_html}
 <h2>Conservative CO2e under the standards</h2>
@@ -530,7 +637,8 @@ probabilities when available (wood density and carbon fraction follow the drawn 
 fraction and root-to-shoot ratio, and, when the crown model carries a calibration, the detection error.
 Shared errors are drawn once per iteration, so they do not average out.</p>
 {_factors_section(trees, carbon)}
-<p class="meta">Self-contained report: no scripts, fonts or images are loaded from elsewhere.</p>
+<p class="meta">Self-contained report: no scripts, fonts or images are loaded from elsewhere (the crown map
+is embedded).</p>
 </main>"""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -539,13 +647,15 @@ Shared errors are drawn once per iteration, so they do not average out.</p>
 
 def write_report(path: str | os.PathLike, summary: dict, trees: pd.DataFrame, groups: dict | None = None,
                  grid=None, carbon: Any = None, title: str = "Forest carbon inventory",
-                 cell_m: float = 100.0) -> None:
+                 cell_m: float = 100.0, crown_map: dict | None = None) -> None:
     """Write the self-contained ``report.html`` atomically.
 
     ``summary``: the run summary (summary.json content); ``trees``: per-tree table (GeoDataFrame or with x/y);
     ``groups``: CarbonResult.groups; ``grid``: grid cells GeoDataFrame (cell_id, area_ha) for the AGB map;
-    ``carbon``: the CarbonResult (factors, sensitivity, Monte Carlo settings), optional.
+    ``carbon``: the CarbonResult (factors, sensitivity, Monte Carlo settings), optional; ``crown_map``:
+    ``pipeline.export.crown_map_image``'s dict (JPEG bytes, width, height, pixel_m), optional.
     """
-    text = render_report(summary, trees, groups, grid=grid, carbon=carbon, title=title, cell_m=cell_m)
+    text = render_report(summary, trees, groups, grid=grid, carbon=carbon, title=title, cell_m=cell_m,
+                         crown_map=crown_map)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -328,7 +328,7 @@ def test_totals_reconcile_across_outputs_to_the_kilogram(tmp_path, scene, models
     gpkg = pyogrio.read_dataframe(out / "inventory.gpkg", layer="crowns")
     grid = pyogrio.read_dataframe(out / "inventory.gpkg", layer="grid")
     species = pyogrio.read_dataframe(out / "inventory.gpkg", layer="species")
-    layer = pyogrio.read_dataframe(out / "inventory.gpkg", layer="summary").set_index("key")["value"]
+    layer = pyogrio.read_dataframe(out / "inventory.gpkg", layer="summary").iloc[0]  # one row, typed
     doc = json.loads((out / "crowns.geojson").read_text())
     geo = pd.DataFrame([f["properties"] for f in doc["features"]])
     for key, col in (("agb_t", "agb_kg"), ("carbon_t", "carbon_kg"), ("co2e_t", "co2e_kg")):

@@ -16,6 +16,7 @@ from typing import Any
 from shapely.geometry import box as shapely_box
 
 from pipeline.atomic import atomic_path
+from pipeline.errors import InputError
 from pipeline.evaluation.crowns import crown_metrics, metrics_markdown, write_metrics
 from pipeline.evaluation.paired import paired_f1_difference, paired_markdown
 from pipeline.evaluation.reference import read_reference
@@ -63,6 +64,43 @@ def predict_crowns_on_image(
     }
 
 
+def check_truth_overlap(truth: str | os.PathLike, image: str | os.PathLike) -> str | None:
+    """Reference crowns must lie on the image: none on it is an InputError (scoring would print F1 0 and
+    exit 0); some off it give a warning (returned): they count as missed crowns. Compared in the image's
+    own CRS, before any segmentation."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from pipeline.raster import georeference_hint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            with rasterio.open(image) as ds:
+                crs, bounds, no_georef = ds.crs, ds.bounds, ds.transform.is_identity and not ds.gcps[0]
+        except rasterio.errors.RasterioIOError:
+            return None  # the engine's own check names the unreadable image
+    if no_georef:
+        raise InputError(georeference_hint(Path(image)))
+    if crs is None:
+        return None
+    refs, _ = read_reference(truth, image, crs, shape="box")
+    if not refs:
+        return None
+    frame = shapely_box(*bounds)
+    on = sum(1 for g in refs if g.intersects(frame))
+    if on == 0:
+        raise InputError(f"{truth}: none of its {len(refs)} reference crowns overlap the image "
+                         f"{Path(image).name}; pass the references of this image (check their CRS or, for "
+                         "boxes, the image_path)")
+    if on < len(refs):
+        return (f"{len(refs) - on} of {len(refs)} reference crowns in {Path(truth).name} lie outside the "
+                f"image {Path(image).name}: they count as missed crowns")
+    return None
+
+
 def evaluate_crowns_on_image(
     image: str | os.PathLike,
     truth: str | os.PathLike,
@@ -86,10 +124,12 @@ def evaluate_crowns_on_image(
     convention and the headline) and predicted polygons vs the boxes' inscribed ellipses (``ellipse``).
     """
     out_dir = Path(out_dir)
+    warning = check_truth_overlap(truth, image)
     crowns, result = predict_crowns_on_image(image, out_dir, crown_model, threads, bands, postprocess, tta)
     seconds = result["seconds"]
     pred = list(crowns.geometry)
-    result = {"image": str(image), "truth": str(truth), **result, "scores": {}}
+    result = {"image": str(image), "truth": str(truth), **result, "scores": {},
+              "warnings": [warning] if warning else []}
     crs = result.pop("crs")
     is_boxes = Path(truth).suffix.lower() in {".csv", ".xml"}
     md = []
