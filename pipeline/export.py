@@ -239,14 +239,16 @@ def _crowns_in(tree: shapely.STRtree, transform: Affine, shape: tuple[int, int])
 
 
 def _draw_outlines(img: np.ndarray, src: Any, colour_of: np.ndarray, transform: Affine,
-                   strip_px: int) -> None:
-    """Colour, in ``img`` [h, w, 3], every crown pixel next to a pixel of another label (all-touched
-    rasterisation; crown i is label i + 1 and later crowns cover earlier ones); ``colour_of`` [n + 1, 3]."""
+                   strip_px: int, width_px: int = 1) -> None:
+    """Colour, in ``img`` [h, w, 3], every crown pixel within ``width_px`` pixels (along a row or column) of
+    a pixel of another label (all-touched rasterisation; crown i is label i + 1 and later crowns cover
+    earlier ones); ``colour_of`` [n + 1, 3]. Outlines lie inside the crowns."""
     h, w = img.shape[:2]
     tree = _bounds_index(src)
     for r0 in range(0, h, strip_px):
         r1 = min(h, r0 + strip_px)
-        a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one-row halo: outlines on strip edges as in one piece
+        # a halo of width_px rows: outlines on strip edges as in one piece
+        a0, a1 = max(0, r0 - width_px), min(h, r1 + width_px)
         st = transform @ Affine.translation(0, a0)
         hits = _crowns_in(tree, st, (a1 - a0, w))
         if not hits.size:
@@ -257,10 +259,11 @@ def _draw_outlines(img: np.ndarray, src: Any, colour_of: np.ndarray, transform: 
             rasterio.features.rasterize(zip(src.geometries(part), part + 1, strict=True), out=labels,
                                         transform=st, all_touched=True)
         edge = np.zeros(labels.shape, dtype=bool)
-        edge[1:] |= labels[1:] != labels[:-1]
-        edge[:-1] |= labels[:-1] != labels[1:]
-        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+        for d in range(1, width_px + 1):
+            edge[d:] |= labels[d:] != labels[:-d]
+            edge[:-d] |= labels[:-d] != labels[d:]
+            edge[:, d:] |= labels[:, d:] != labels[:, :-d]
+            edge[:, :-d] |= labels[:, :-d] != labels[:, d:]
         edge &= labels > 0
         rows = slice(r0 - a0, r1 - a0)
         inner = edge[rows]
@@ -359,6 +362,7 @@ def _crown_picture(rgb: np.ndarray, valid: np.ndarray, transform: Affine, crowns
                    max_px: int | None, strip_px: int) -> tuple[np.ndarray, Affine]:
     """The quicklook picture: ortho (``_resample``), crown outlines by species, legend and scale bar."""
     img, valid, transform = _resample(rgb, valid, transform, min_px, max_px)
+    enlarged = max(valid.shape) >= 1.9 * max(rgb.shape[1:])  # outlines 2 px wide on an enlarged picture
     del rgb, valid
     img = np.array(img, copy=True)
     src = crown_source(crowns)
@@ -370,7 +374,7 @@ def _crown_picture(rgb: np.ndarray, valid: np.ndarray, transform: Affine, crowns
         code = {n: i + 1 for i, n in enumerate(names)}
         palette = np.array([(0, 0, 0)] + [colours[n] for n in names], dtype=np.uint8)
         colour_of = palette[np.array([0] + [code[s] for s in species], dtype=np.int64)]  # by label
-        _draw_outlines(img, src, colour_of, transform, strip_px)
+        _draw_outlines(img, src, colour_of, transform, strip_px, width_px=2 if enlarged else 1)
         counts = pd.Series(species).value_counts()
         legend = [(str(name), colours[name], int(n)) for name, n in counts.items()]
     _decorate(img, math.sqrt(abs(transform.determinant)), legend)

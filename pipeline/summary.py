@@ -87,6 +87,7 @@ def model_record(path: Path, meta: ModelMeta, sha256: str | None = None) -> dict
     crown model, ``accuracy`` (``crown_accuracy``) and ``caveat`` (a sentence, or None when the pooled
     validation F1@0.4 is at least ``CROWN_F1_CAVEAT``)."""
     card = model_card_path(path, meta.task)
+    label = f"{Path(path).name} ({meta.model_version})"
     record: dict[str, Any] = {
         "name": Path(path).stem, "path": str(path), "version": meta.model_version, "sha256": sha256,
         "task": meta.task, "gsd_m": meta.gsd_m, "training_data": meta.training_data,
@@ -100,18 +101,18 @@ def model_record(path: Path, meta: ModelMeta, sha256: str | None = None) -> dict
         where = f"see {card}" if card else "see the model's card"
         f1 = acc["f1_iou0.4"]
         if f1 is None:
-            record["caveat"] = (f"The crown model {record['name']} carries no validation F1: its accuracy "
+            record["caveat"] = (f"The crown model {label} carries no validation F1: its accuracy "
                                 "is unknown, so the crown counts and the carbon are unverified; "
                                 f"{where} and check it with forest-inventory evaluate on reference plots.")
         elif f1 < CROWN_F1_CAVEAT:
-            record["caveat"] = (f"The crown model {record['name']} finds crowns with a pooled validation "
+            record["caveat"] = (f"The crown model {label} finds crowns with a pooled validation "
                                 f"F1 of {f1:.2f} at IoU 0.4 (below {CROWN_F1_CAVEAT:g}): the crown counts, "
                                 f"and so the biomass and carbon, are uncertain; {where} and check it with "
                                 "forest-inventory evaluate on reference plots of this site.")
         else:
             record["caveat"] = None
     elif "synthetic" in meta.training_data.lower():
-        record["caveat"] = (f"The species model {record['name']} was trained and validated on synthetic "
+        record["caveat"] = (f"The species model {label} was trained and validated on synthetic "
                             "scenes "
                             "only: the species of real crowns, and the wood densities that follow, are "
                             "unverified.")

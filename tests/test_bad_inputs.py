@@ -517,3 +517,96 @@ def test_traceback_only_with_debug(tmp_path, models):
                                                  if line.startswith("error:")]
     assert len(quiet.stderr.strip().splitlines()) == 1 and "Traceback" not in quiet.stderr
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "InputError" in loud.stderr
+
+
+# --- issue 18: georeferencing, overlap and --out ownership -------------------------------------------------
+
+
+def _png(path: Path) -> Path:
+    """A plain PNG (no CRS, no geotransform): what a photo editor exports."""
+    from PIL import Image
+
+    Image.fromarray(rgb_scene().transpose(1, 2, 0)).save(path)
+    return path
+
+
+def test_ungeoreferenced_png_gets_one_message_and_no_warning(tmp_path, models):
+    png = _png(tmp_path / "plain.png")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "forest_inventory.cli", *run_args(png, out, models)],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "NotGeoreferencedWarning" not in proc.stderr + proc.stdout
+    first = lines[0]
+    assert "plain.png" in first and "no georeferencing" in first
+    assert "gdal_translate -a_srs" in first and "-a_ullr" in first and "world file (plain.wld)" in first
+    # with --crs: the same message, not a different one (no circular advice)
+    again = assert_fails(run_args(png, out, models, "--crs", UTM), out, "plain.png")
+    assert again == first
+    # following the advice works: a world file beside it (pixel size, rotation, centre of the first pixel)
+    (tmp_path / "plain.wld").write_text("0.1\n0\n0\n-0.1\n500000.05\n3999999.95\n")
+    summary = assert_succeeds(run_args(png, out, models, "--crs", UTM), out)
+    assert summary["n_trees"] == len(DISCS) and summary["input_gsd_m"] == pytest.approx(0.1)
+
+
+def test_plots_that_miss_the_image(tmp_path, models):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    ortho = _rgb(tmp_path)
+    far = gpd.GeoDataFrame({"plot_id": ["F1", "F2"]}, crs=UTM, geometry=[
+        box(600000, 4100000, 600020, 4100020), box(600100, 4100000, 600120, 4100020)])
+    far.to_file(tmp_path / "far.gpkg")
+    assert_fails(run_args(ortho, tmp_path / "out", models, "--plots", str(tmp_path / "far.gpkg")),
+                 tmp_path / "out", "far.gpkg", hint="overlap")
+    # one plot on the image, one off it: the run goes on, with a warning naming the plot that is off it
+    some = gpd.GeoDataFrame({"plot_id": ["P1", "F1"]}, crs=UTM,
+                            geometry=[box(500000, 3999990, 500010, 4000000), far.geometry[0]])
+    some.to_file(tmp_path / "some.gpkg")
+    args = run_args(ortho, tmp_path / "out", models, "--plots", str(tmp_path / "some.gpkg"))
+    summary = assert_succeeds(args, tmp_path / "out")
+    assert any("1 of 2 plot(s) in some.gpkg lie outside" in w and "F1" in w for w in summary["warnings"])
+    report = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "<td>P1</td>" in report and "plot 0" not in report
+
+
+def test_out_holding_another_image_needs_overwrite(tmp_path, models):
+    out = tmp_path / "out"
+    first = _rgb(tmp_path)
+    assert_succeeds(run_args(first, out, models), out)
+    before = {n: (out / n).read_bytes() for n in OUTPUT_NAMES if (out / n).exists()}
+    other = _write_geotiff(tmp_path / "other.tif", _disc_scene(SIZE, DISCS[:2]), T, UTM)
+    rc, stdout, stderr = run_cli(run_args(other, out, models))
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, stderr
+    assert str(out) in errors[0] and "rgb.tif" in errors[0] and "--overwrite" in errors[0]
+    assert {n: (out / n).read_bytes() for n in before} == before  # untouched
+    # the same image again: resumes / overwrites as before, no flag needed
+    assert assert_succeeds(run_args(first, out, models, "--seed", "3"), out)["n_trees"] == len(DISCS)
+    # --overwrite replaces the other image's inventory
+    assert assert_succeeds(run_args(other, out, models, "--overwrite"), out)["n_trees"] == 2
+
+
+def _truth(path: Path, boxes: list[tuple[float, float, float, float]]) -> Path:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    gpd.GeoDataFrame(geometry=[box(*b) for b in boxes], crs=UTM).to_file(path)
+    return path
+
+
+def test_evaluate_with_truth_off_the_image(tmp_path, models):
+    image = _rgb(tmp_path)
+    base = ["evaluate", str(image), "--crown-model", str(models["crown"]), "--threads", "1"]
+    far = _truth(tmp_path / "far.gpkg", [(600000, 4100000, 600005, 4100005)])
+    out = tmp_path / "eval"
+    assert_fails([*base, "--truth", str(far), "--out", str(out)], out, "far.gpkg", hint="overlap")
+    # half of the references off the image: scored, with a warning that they count as missed
+    x0, y0 = T @ (40, 40)
+    half = _truth(tmp_path / "half.gpkg", [(x0 - 1, y0 - 1, x0 + 1, y0 + 1),
+                                           (600000, 4100000, 600005, 4100005)])
+    rc, stdout, stderr = run_cli([*base, "--truth", str(half), "--out", str(out)])
+    assert rc == 0, stderr
+    assert "warning: 1 of 2 reference crowns in half.gpkg lie outside the image rgb.tif" in stderr
+    assert json.loads((out / "crown_metrics.json").read_text())["warnings"]

@@ -409,3 +409,40 @@ def test_dsm_alone_heights_in_engine(tmp_path, scene, write_geotiff, models):
         assert row["height_m"] == pytest.approx(10.0 + k * 0.5, abs=0.4)
     with pytest.raises(InputError, match="--dsm"):
         inventory.validate(config(ortho, tmp_path / "o2", models, dtm=path))
+
+
+def test_fine_input_keeps_its_grid_for_mask_and_quicklook(tmp_path, write_geotiff, disc_scene, models):
+    """Issue 18: a 0.05 m input with a 0.10 m model is segmented on the model's grid, but crown_mask.tif and
+    quicklook.png are on the input's own grid, and the summary says both GSDs and that it resampled."""
+    import rasterio
+
+    from forest_inventory.cli import app
+
+    fine = Affine(0.05, 0, 500000.0, 0, -0.05, 4000000.0)
+    discs = [(2 * r, 2 * c, 2 * rad, colour) for r, c, rad, colour in scene_discs()[:4]]  # same crowns in m
+    path = write_geotiff(tmp_path / "fine.tif", disc_scene(600, discs), fine, UTM)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--crown-model", str(models[0]),
+                                   "--species-model", str(models[1]), "--threads", "1"],
+                               env={"COLUMNS": "220"})  # rich wraps table cells to the terminal width
+    assert res.exit_code == 0, res.output
+    assert "input 0.050 m, crown model 0.100 m: segmented on a 0.100 m grid (resampled" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input_gsd_m"] == pytest.approx(0.05) and summary["model_gsd_m"] == pytest.approx(0.1)
+    assert summary["gsd_m"] == pytest.approx(0.1) and summary["resampled_or_reprojected"] is True
+    assert summary["crown_mask_grid"] == "input"
+    with rasterio.open(out / "crown_mask.tif") as mask, rasterio.open(path) as src:
+        assert (mask.width, mask.height) == (src.width, src.height) and mask.transform == src.transform
+        labels = mask.read(1)
+    crowns = gpd.read_file(out / "inventory.gpkg", layer="crowns")
+    for tid, x, y in zip(crowns["tree_id"], crowns["x"], crowns["y"], strict=True):
+        col, row = ~fine @ (x, y)
+        assert labels[int(row), int(col)] == tid
+    with rasterio.open(out / "quicklook.png") as ql:  # the input's 0.05 m pixels, not the model's 0.10 m
+        assert ql.width == 600 and ql.transform.a == pytest.approx(0.05) and ql.crs.to_epsg() == 32617
+    layer = pyogrio.read_dataframe(out / "inventory.gpkg", layer="summary")
+    assert len(layer) == 1 and layer["input_gsd_m"].item() == pytest.approx(0.05)
+    assert layer["n_trees"].item() == len(crowns) and str(layer["n_trees"].dtype).startswith("int")
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Models and their accuracy</h2>" in report and "data:image/jpeg;base64," in report
+    assert "carries no validation F1" in report  # the test model has no scores: said, not hidden
