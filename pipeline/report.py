@@ -50,7 +50,7 @@ figure{background:#fff;border:1px solid #dde3dc;border-radius:8px;margin:0;paddi
 figcaption{font-size:.85em;color:#5a6760;margin-top:4px;max-width:480px}
 .note{background:#fff8e6;border-left:4px solid #d08c2e;padding:8px 12px;font-size:.9em}
 .warn{background:#fde8e6;border-left:4px solid #b3261e;padding:8px 12px;font-weight:600}
-.map img{display:block;max-width:100%;height:auto}
+.map img{display:block;max-width:min(100%,760px);height:auto}
 code{font-size:.9em;word-break:break-all}
 svg text{font-family:inherit}
 """
