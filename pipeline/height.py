@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import rasterio.features
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
@@ -41,10 +42,17 @@ def open_height_raster(path: str | os.PathLike, what: str = "CHM") -> rasterio.D
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: {what} not found; pass an existing GeoTIFF")
-    try:
-        src = rasterio.open(path)
-    except RasterioIOError:
-        raise InputError(f"{path}: {what} is not a readable raster; pass a GeoTIFF") from None
+    with warnings.catch_warnings():  # the one-line error below, not rasterio's two-line warning
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            src = rasterio.open(path)
+        except RasterioIOError:
+            raise InputError(f"{path}: {what} is not a readable raster; pass a GeoTIFF") from None
+    if src.transform.is_identity and not src.gcps[0]:
+        src.close()
+        raise InputError(f"{path}: {what} has no georeferencing (no geotransform or world file); pass a "
+                         "georeferenced GeoTIFF (e.g. gdal_translate -a_srs EPSG:XXXX -a_ullr ULX ULY LRX "
+                         "LRY)")
     if src.crs is None:
         src.close()
         raise InputError(f"{path}: {what} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX)")

@@ -610,3 +610,9 @@ def test_evaluate_with_truth_off_the_image(tmp_path, models):
     assert rc == 0, stderr
     assert "warning: 1 of 2 reference crowns in half.gpkg lie outside the image rgb.tif" in stderr
     assert json.loads((out / "crown_metrics.json").read_text())["warnings"]
+
+
+def test_chm_without_georeferencing(tmp_path, models):
+    chm = _write_geotiff(tmp_path / "chm_plain.tif", _chm_for(DISCS, T, UTM), Affine.identity(), None)
+    assert_fails(run_args(_rgb(tmp_path), tmp_path / "out", models, "--chm", str(chm)), tmp_path / "out",
+                 "chm_plain.tif", hint="no georeferencing")
