@@ -252,6 +252,7 @@ SUMMARY_COLUMNS: list[tuple[str, type, str]] = [
     ("model_gsd_m", float, "crown model GSD, m"),
     ("gsd_m", float, "GSD of the grid the crowns were found on, m"),
     ("resampled_or_reprojected", bool, "the input was resampled or reprojected for segmentation"),
+    ("crown_mask_grid", str, "grid of crown_mask.tif and quicklook.png: 'input' or the CRS used"),
     ("crown_model", str, "crown model file name"),
     ("crown_model_version", str, "crown model version"),
     ("crown_model_f1_iou0_4", float, "crown model pooled validation F1 at IoU 0.4 (NULL: unknown)"),

@@ -610,6 +610,11 @@ def test_evaluate_with_truth_off_the_image(tmp_path, models):
     assert rc == 0, stderr
     assert "warning: 1 of 2 reference crowns in half.gpkg lie outside the image rgb.tif" in stderr
     assert json.loads((out / "crown_metrics.json").read_text())["warnings"]
+    # evaluate's --out is scratch plus the metrics: another image may reuse it (no --overwrite needed)
+    other = _write_geotiff(tmp_path / "other.tif", rgb_scene(), T, UTM)
+    rc, _, stderr = run_cli(["evaluate", str(other), "--crown-model", str(models["crown"]), "--threads", "1",
+                             "--truth", str(half), "--out", str(out)])
+    assert rc == 0, stderr
 
 
 def test_chm_without_georeferencing(tmp_path, models):

@@ -45,6 +45,7 @@ def predict_crowns_on_image(
         bands=bands,
         postprocess=postprocess or {},
         tta=tta,
+        overwrite=True,  # the work folder is scratch, not an inventory: any image may reuse it
     )
     plan = validate(cfg)
     try:
