@@ -282,9 +282,9 @@ def _resample(rgb: np.ndarray, valid: np.ndarray, transform: Affine, min_px: int
               ) -> tuple[np.ndarray, np.ndarray, Affine]:
     """[h, w, 3] picture (white where invalid) of ``rgb`` [3, h, w] and its transform. Without ``max_px``
     (the georeferenced quicklook): enlarged by a whole factor to at least ``min_px`` on its longest edge
-    (smooth bicubic, so a small input does not turn into blocks; crown outlines drawn afterwards stay one
-    pixel wide). With ``max_px`` (the report's picture): fitted to ``max_px`` on its longest edge (Lanczos
-    when shrinking; bicubic, at most 4x, when enlarging)."""
+    (smooth bicubic, so a small input does not turn into blocks; crown outlines drawn afterwards stay one or
+    two pixels wide, not k). With ``max_px`` (the report's picture): fitted to ``max_px`` on its longest
+    edge (Lanczos when shrinking; bicubic, at most 4x, when enlarging)."""
     h, w = valid.shape
     img = np.where(valid[..., None], rgb.transpose(1, 2, 0), np.uint8(255)).astype(np.uint8, copy=False)
     k = max(1, min_px // max(h, w, 1))

@@ -294,15 +294,14 @@ def _check_out_is_ours(cfg: InventoryConfig) -> None:
         previous = json.loads(plan_file.read_text())["ortho"][:2]
     if previous is None:
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
-            name = json.loads(summary_file.read_text())["input"]
-            path = Path(name) if Path(name).is_absolute() else None
-            previous = [str(path.resolve()) if path else name, path.stat().st_size if path and path.exists()
-                        else None]
+            old = Path(json.loads(summary_file.read_text())["input"])
+            previous = [str(old.resolve()), old.stat().st_size] if old.exists() else [str(old), None]
     if not previous or not previous[0]:
         return
     old_path, old_size = Path(str(previous[0])), previous[1]
     new = cfg.ortho.resolve()
-    same = str(old_path) == str(new) or (old_path.name == new.name and old_size == new.stat().st_size)
+    same = str(old_path) == str(new) or (old_path.name == new.name
+                                         and old_size in (None, new.stat().st_size))
     if not same:
         raise InputError(f"{cfg.out_dir}: holds the inventory of another orthomosaic ({old_path.name}); pass "
                          f"another --out (e.g. --out out/{cfg.ortho.stem}) or --overwrite to replace it")
