@@ -92,8 +92,8 @@ def _gpkg_digests(path: Path, rel: str) -> dict[str, str]:
     out = {}
     for layer, _ in pyogrio.list_layers(path):
         frame = pyogrio.read_dataframe(path, layer=layer)
-        if layer == "summary" and "key" in frame:
-            frame = frame[~frame["key"].isin(VOLATILE_KEYS)]
+        if layer == "summary":  # one row of typed columns: the run's time is not the inventory
+            frame = frame.drop(columns=[c for c in frame.columns if c in VOLATILE_KEYS])
         frame = frame.drop(columns=[c for c in ("update_time",) if c in frame])
         if "geometry" in frame:
             frame = frame.assign(geometry=frame.geometry.to_wkb(hex=True))
