@@ -1,4 +1,5 @@
-"""Attach a crown model's detection-error calibration (missed, false, merged crowns) to its ONNX metadata.
+"""Attach a crown model's detection-error calibration (missed, false, merged crowns) and its validation scores
+to its ONNX metadata.
 
 Input: the ``crown_metrics.json`` that ``forest-inventory evaluate --truth CSV --split SPLIT --subset
 validation --crown-model M.onnx`` wrote for THIS model on its validation plots. Per plot (the images of a
@@ -7,7 +8,12 @@ area of the detected crown polygons give :func:`pipeline.carbon.detection.calibr
 (quantity ``crown_area``); the result goes into the model's ``detection_calibration`` key, which the carbon
 stage applies as one shared factor of the run.
 
-    python -m models.detection_calibration out/eval_val/crown_metrics.json M.onnx --out M.onnx
+With ``--validation-metrics`` the same evaluate result also becomes the model's ``validation_metrics``
+(pooled and per-site P/R/F1 at IoU 0.4 and 0.5, as the engine scores them), so that the report and the
+model card quote one figure; the scores the training run stored are kept as ``training_validation_metrics``.
+
+    python -m models.detection_calibration out/eval_val/crown_metrics.json M.onnx --out M.onnx \
+        --validation-metrics
 """
 
 from __future__ import annotations
@@ -44,11 +50,35 @@ def detection_calibration_from_metrics(metrics: dict[str, Any], source: str = ""
     return cal
 
 
+def validation_metrics_from_evaluate(metrics: dict[str, Any], command: str = "") -> dict[str, Any]:
+    """Flat ``validation_metrics`` (``real_f1_iou0.4``, ``site_HARV_f1_iou0.4``, ...) from an evaluate result
+    on the validation plots, with where the figures come from."""
+    out: dict[str, Any] = {}
+
+    def put(prefix: str, block: dict[str, Any]) -> None:
+        for thr, s in block.get("thresholds", {}).items():
+            for key in ("f1", "precision", "recall"):
+                out[f"{prefix}_{key}_iou{thr}"] = round(float(s[key]), 4)
+        out[f"{prefix}_n_truth"] = int(block.get("n_truth", 0))
+
+    put("real", metrics["pooled"])
+    for site, block in sorted(metrics.get("sites", {}).items()):
+        put(f"site_{site}", block)
+    out["iou"] = "box (predicted crown envelope vs reference box)"
+    out["source"] = command or (f"forest-inventory evaluate --truth {metrics.get('truth', '?')} "
+                                f"({metrics.get('selection', 'validation plots')}), the engine's tiling and "
+                                "seam rule")
+    out["postprocess"] = metrics.get("postprocess", {})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("metrics", help="crown_metrics.json of `evaluate` on the model's validation plots")
     ap.add_argument("onnx", help="the crown model that was evaluated")
     ap.add_argument("--out", required=True, help="ONNX to write (may be the input)")
+    ap.add_argument("--validation-metrics", action="store_true",
+                    help="also store the evaluate scores as the model's validation_metrics")
     a = ap.parse_args(argv)
     from models.export import copy_with_metadata
 
@@ -58,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{a.metrics}: scores {evaluated}, not {Path(a.onnx).name}; evaluate this model "
                          "first")
     cal = detection_calibration_from_metrics(metrics)
-    copy_with_metadata(a.onnx, a.out, {"detection_calibration": json.dumps(cal)})
+    update = {"detection_calibration": json.dumps(cal)}
+    if a.validation_metrics:
+        from models.export import read_metadata
+
+        old = read_metadata(a.onnx)
+        if "validation_metrics" in old and "training_validation_metrics" not in old:
+            update["training_validation_metrics"] = old["validation_metrics"]
+        update["validation_metrics"] = json.dumps(validation_metrics_from_evaluate(metrics))
+    copy_with_metadata(a.onnx, a.out, update)
     print(json.dumps(cal, indent=1))
     return 0
 

@@ -155,6 +155,18 @@ def test_detection_calibration_sums_a_plots_images_then_takes_the_pooled_ratio()
     assert cal["ln_sd"] > 0 and "SJER_001" in cal["source"]
 
 
+def test_validation_metrics_from_evaluate_flattens_pooled_and_site_scores():
+    from models.detection_calibration import validation_metrics_from_evaluate
+
+    block = {"n_truth": 10, "thresholds": {"0.4": {"f1": 0.5, "precision": 0.625, "recall": 0.41666},
+                                           "0.5": {"f1": 0.25, "precision": 0.3, "recall": 0.2}}}
+    out = validation_metrics_from_evaluate({"pooled": block, "sites": {"TEAK": block}, "truth": "a.csv",
+                                            "postprocess": {"fg_threshold": 0.5}})
+    assert out["real_f1_iou0.4"] == 0.5 and out["real_recall_iou0.4"] == 0.4167
+    assert out["site_TEAK_precision_iou0.5"] == 0.3 and out["site_TEAK_n_truth"] == 10
+    assert "a.csv" in out["source"] and out["postprocess"] == {"fg_threshold": 0.5}
+
+
 def test_engine_overlap_covers_the_widest_crown_at_the_model_gsd():
     from models.train_crowns import TrainCrownsConfig, engine_overlap_px
 
