@@ -96,3 +96,12 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file: str | Path | 
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(lowest)
     logging.getLogger("prefect").setLevel(logging.INFO)
+
+
+def reset_logging() -> None:
+    """Remove the handlers :func:`setup_logging` installed (closing a log file)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _MARK, False):
+            root.removeHandler(handler)
+            handler.close()
