@@ -62,7 +62,8 @@ def inventory(ortho: str | os.PathLike, out: str | os.PathLike | None = None, *,
     values = load_config_file(config) if config is not None else {}
     values.update(check_options(options, "inventory() arguments"))
     values["ortho"] = Path(ortho)
-    values["out_dir"] = Path(out) if out is not None else values.get("out_dir") or Path("out") / Path(ortho).stem
+    if out is not None or "out_dir" not in values:
+        values["out_dir"] = Path(out) if out is not None else Path("out") / Path(ortho).stem
     cfg = make_config(values)
     run_inventory(cfg, progress=progress)
     result = load_inventory(cfg.out_dir)
@@ -71,7 +72,7 @@ def inventory(ortho: str | os.PathLike, out: str | os.PathLike | None = None, *,
 
 
 def load_inventory(out_dir: str | os.PathLike) -> Inventory:
-    """An earlier run's outputs as an ``Inventory`` (``inventory.gpkg`` layer ``crowns``, ``summary.json``)."""
+    """An earlier run's outputs as an ``Inventory`` (inventory.gpkg layer ``crowns``, summary.json)."""
     import pyogrio
 
     out = Path(out_dir)
