@@ -588,7 +588,8 @@ def batch_command(
         def progress(stage: str, done: int, total: int) -> None:
             if stage == "files":
                 bar.update(files, completed=done, total=max(total, 1))
-                bar.update(tiles, completed=0, total=1)
+                if done < total:  # the next orthomosaic starts
+                    bar.update(tiles, completed=0, total=1)
             elif stage == "tiles":
                 bar.update(tiles, total=max(total, 1))
                 bar.advance(tiles, done)
