@@ -153,7 +153,10 @@ def plot_crowns(result: Inventory | str | os.PathLike, by: str = "species", *,
         if geom is None or geom.is_empty:
             continue
         for poly in getattr(geom, "geoms", [geom]):
-            xy = [inverse * (x, y) for x, y in np.asarray(poly.exterior.coords)[:, :2]]
+            coords = np.asarray(poly.exterior.coords)[:, :2]
+            cols = inverse.a * coords[:, 0] + inverse.b * coords[:, 1] + inverse.c
+            rows = inverse.d * coords[:, 0] + inverse.e * coords[:, 1] + inverse.f
+            xy = list(zip(cols.tolist(), rows.tolist(), strict=True))
             draw.line(xy + xy[:1], fill=colour_of[i], width=width_px)
     legend = ([(f"{by} {lo:.3g}", _ramp(0.0)), (f"{by} {hi:.3g}", _ramp(1.0))] if numeric
               else sorted(palette.items()))

@@ -123,6 +123,8 @@ def test_run_sets_the_carbon_and_crown_options_by_flag(tmp_path, scene):
     assert carbon["carbon_fraction"] == {"angiosperm": 0.5, "gymnosperm": 0.5}
     assert summary["crown_model"]["postprocess"]["fg_threshold"] == 0.45
     assert "64 draws" in res.stdout
+    # the ART-TREES rule states the draws the run used (it said "10,000 draws" after a 1,000-draw run)
+    assert "64 draws; ART-TREES asks for 10,000" in json.dumps(summary["standards"])
 
 
 @pytest.mark.parametrize("toml, words", [

@@ -490,7 +490,7 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
                                 mc.total_agb, mc.total_co2e, sums["agb_kg"], sums["co2e_kg"], config.seed)
     basis = detection.get("total") or total
     rules = standards.conservative_estimates(basis["co2e_t"], basis["co2e_halfwidth90_pct"],
-                                             basis["co2e_halfwidth95_pct"])
+                                             basis["co2e_halfwidth95_pct"], config.n_draws)
     total_draws = detection.pop("co2e_draws_kg", mc.total_co2e)
     alt_total_t = float(alt_agb.sum() / 1000)
     sensitivity = {"agb_model": config.agb_model, "alternative_model": alt_model,
