@@ -233,3 +233,32 @@ def test_logging_flags(tmp_path, scene):
     plain = invoke(base_args(scene, tmp_path / "p") + ["--n-draws", "20"])
     assert "info:" not in plain.stderr and "Inventory of" in plain.stdout
     reset_logging()  # leave no file handler to later tests
+
+
+@pytest.mark.parametrize("command", ["batch", "serve"])
+def test_batch_and_serve_take_every_run_option(command, tmp_path):
+    text = invoke([command, "--help"]).stdout
+    for flag in ("--bands R,G,B", "--crs TEXT", "--threads N", "--seed N", "--species / --no-species",
+                 "--plots PATH", "--tta / --no-tta", "--dsm PATH", "--dtm PATH", "--chm PATH", "--n-draws",
+                 "--config PATH", "--log-file PATH"):
+        assert flag in text, (command, flag)
+    # checked before anything starts (serve: before it looks for a Prefect server)
+    args = [command, str(tmp_path)] if command == "batch" else [command]
+    res = invoke(args + ["--out", str(tmp_path / "o"), "--threads", "100000"])
+    assert res.exit_code == 2 and len(error_lines(res)) == 1 and "--threads" in error_lines(res)[0]
+    res = invoke(args + ["--out", str(tmp_path / "o"), "--ecozone", "tundra"])
+    assert res.exit_code == 2 and "allowed: tropical_rainforest" in error_lines(res)[0]
+
+
+def test_readme_and_makefile_agree():
+    root = Path(__file__).resolve().parents[1]
+    readme, makefile = (root / "README.md").read_text(), (root / "Makefile").read_text()
+    extras = re.search(r"install-dev:.*?install -q -e \"\.\[([a-z,]+)\]\"", makefile, re.S)
+    assert extras, "Makefile install-dev line not found"
+    make_test = next(line for line in readme.splitlines() if line.startswith("make test"))
+    assert f".[{extras.group(1)}]" in make_test
+    # one Monte Carlo figure, the same wherever the README quotes it, with the command that measured it
+    figures = set(re.findall(r"median (\d+\.\d+) s wall", readme) +
+                  re.findall(r"Monte Carlo, 100k trees × 1000 draws[^|]*\| (\d+\.\d+) s median wall", readme))
+    assert len(figures) == 1, figures
+    assert readme.count("python -m bench.bench_montecarlo") >= 2

@@ -122,5 +122,24 @@ def test_batch_three_flights_one_corrupt(prefect_api, tmp_path, tiny_models):
         assert summary["bands"] == [3, 2, 1] and summary["seed"] == 4
         assert summary["carbon"]["carbon_config"]["n_draws"] == 60
     assert table["c"]["co2e_t_ci90_low"] == "" and "c.tif" in table["c"]["message"]
+    assert "orthomosaics" in done.stderr and "3/3" in done.stderr  # the overall progress bar
     logged = log_file.read_text()
     assert "Traceback" in logged and "c.tif" in logged  # the traceback went to the log file only
+
+
+def test_batch_reports_files_and_tiles_progress(prefect_api, tmp_path, flow_options):
+    from flows.batch import run_batch
+    from pipeline.synthetic import generate_scene
+
+    folder = tmp_path / "flights"
+    folder.mkdir()
+    shutil.copy(generate_scene(tmp_path / "s", size_m=30, seed=2).ortho, folder / "one.tif")
+    events: list[tuple[str, int, int]] = []
+    rows = run_batch(folder, tmp_path / "out", options=dict(flow_options, threads=1, n_draws=20),
+                     progress=lambda stage, done, total: events.append((stage, done, total)))
+    assert [r["status"] for r in rows] == ["done"]
+    files = [e for e in events if e[0] == "files"]
+    assert files[0] == ("files", 0, 1) and files[-1] == ("files", 1, 1)
+    tiles = [e for e in events if e[0] == "tiles"]
+    summary = json.loads((tmp_path / "out" / "one" / "summary.json").read_text())
+    assert tiles and sum(done for _, done, _ in tiles) == tiles[0][2] == summary["n_tiles"]
