@@ -8,6 +8,7 @@ Bad input -> one line on stderr and exit 2; internal failure -> exit 1; tracebac
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from forest_inventory.cli_options import PlainArgumentsCommand, merged_options, 
 from pipeline.errors import InputError, InventoryError
 
 # plain help (rich_markup_mode=None): square brackets in help texts stay text, flags show no value type
+log = logging.getLogger(__name__)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Drone orthomosaics to forest-carbon inventories.")
 train_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -173,7 +176,7 @@ def run_cmd(
 
         summary = run_inventory(config_obj, progress=progress)
     for warning in summary.get("warnings") or []:  # loud: allometric heights, detection error not included
-        console.print(f"[bold red]warning:[/] {warning}", highlight=False)
+        log.warning("%s", warning)  # one line on the console (not with --quiet), and in --log-file
     if chosen["quiet"]:
         return
     table = Table(title=f"Inventory of {ortho}", show_header=False)
