@@ -437,7 +437,8 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
                  noise_var_k=var_k, centre_var_k=cvar_k, plant_group_k=pg_k, taxon=taxon, taxon_k=taxon_k,
                  taxon_ln_sd=taxon_sd, wd_loading=main["wd_loading"], centre_var=main["centre_var"]),
         shared, groups, n_draws=config.n_draws, seed=config.seed, threads=config.threads)
-    log.debug("Monte Carlo: %d trees x %d draws in %.2f s", len(t), config.n_draws, time.perf_counter() - started)
+    log.debug("Monte Carlo: %d trees x %d draws in %.2f s", len(t), config.n_draws,
+              time.perf_counter() - started)
     del probs_k, ln_k, var_k, cvar_k, main["loadings"], main["noise_var"]  # the draws are done
 
     # point estimates per tree: carbon fraction of the expected species mixture (= the group's CF when fixed)
