@@ -20,6 +20,7 @@ from pipeline.options import Option, check_value, load_config_file, options
 
 _METAVARS = {"int": "N", "float": "X", "path": "PATH", "bands": "R,G,B", "list": "A,B,...",
              "mapping": "K=V,..."}
+_KEY_METAVARS = {"hd_local": "A,B,C,RSE", "carbon_fraction": "CF|K=V,...", "crs": "CRS"}
 
 
 def _help(opt: Option) -> str:
@@ -30,6 +31,8 @@ def _help(opt: Option) -> str:
         default = opt.default
         if isinstance(default, bool):
             default = "on" if default else "off"
+        elif isinstance(default, float) and len(repr(default)) > 8:
+            default = f"{default:.6g}"
         elif isinstance(default, dict):
             default = ",".join(f"{k}={v}" for k, v in default.items())
         elif isinstance(default, list):
@@ -48,7 +51,7 @@ def _parameter(opt: Option) -> inspect.Parameter:
         info = typer.Option(None, *flags, help=_help(opt), show_default=False)
     else:
         annotation = {"int": int | None, "float": float | None}.get(opt.kind, str | None)
-        metavar = _METAVARS.get(opt.kind, "TEXT")
+        metavar = _KEY_METAVARS.get(opt.key) or _METAVARS.get(opt.kind, "TEXT")
         if opt.choices and opt.kind == "str" and len(opt.choices) <= 4:
             metavar = "|".join(opt.choices)
         elif opt.choices and opt.kind == "str":

@@ -238,7 +238,7 @@ def test_logging_flags(tmp_path, scene):
 @pytest.mark.parametrize("command", ["batch", "serve"])
 def test_batch_and_serve_take_every_run_option(command, tmp_path):
     text = invoke([command, "--help"]).stdout
-    for flag in ("--bands R,G,B", "--crs TEXT", "--threads N", "--seed N", "--species / --no-species",
+    for flag in ("--bands R,G,B", "--crs CRS", "--threads N", "--seed N", "--species / --no-species",
                  "--plots PATH", "--tta / --no-tta", "--dsm PATH", "--dtm PATH", "--chm PATH", "--n-draws",
                  "--config PATH", "--log-file PATH"):
         assert flag in text, (command, flag)
