@@ -121,10 +121,6 @@ class Option:
     def flags(self) -> tuple[str, ...]:
         return FLAGS.get(self.key, ("--" + self.key.replace("_", "-"),))
 
-    @property
-    def path(self) -> str:
-        return f"{self.section}.{self.key}" if self.section else self.key
-
 
 def _kind(hint: Any) -> tuple[str, bool]:
     """(kind, optional) of a type hint."""
@@ -155,13 +151,13 @@ def _kind(hint: Any) -> tuple[str, bool]:
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from pipeline.carbon.allometry import JUCKER_BIOMES
+    from pipeline.carbon.allometry import HD_MODELS, JUCKER_BIOMES
     from pipeline.carbon.estimate import AGB_MODELS, MC_COMPONENTS
     from pipeline.carbon.factors import ROOT_SHOOT_TABLE
     from pipeline.carbon.wood_density import REGIONAL_DEFAULTS_GCM3
 
     return {"agb_model": tuple(AGB_MODELS), "jucker_biome": tuple(JUCKER_BIOMES),
-            "hd_model": ("chave2014_eq6a", "feldpausch2012_pantropical", "feldpausch2012_seasia", "local"),
+            "hd_model": HD_MODELS,
             "ecozone": tuple(ROOT_SHOOT_TABLE), "wood_density_region": tuple(REGIONAL_DEFAULTS_GCM3),
             "components": tuple(sorted(MC_COMPONENTS))}
 
@@ -439,18 +435,6 @@ def make_config(values: Mapping[str, Any], source: str = ""):
     if "hd_local" in carbon and "hd_model" not in carbon:
         carbon["hd_model"] = "local"  # a local fit given is the fit wanted
     return InventoryConfig(**top, postprocess=post, carbon=carbon)
-
-
-def config_options(config: Any) -> dict[str, Any]:
-    """The flat options of an ``InventoryConfig`` (inverse of ``make_config``), JSON-able values."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.name in _SECTION_FIELDS:
-            out.update({k: _jsonable(v) for k, v in (value or {}).items()})
-        else:
-            out[f.name] = _jsonable(value)
-    return out
 
 
 def to_jsonable(flat: Mapping[str, Any]) -> dict[str, Any]:
