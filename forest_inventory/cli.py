@@ -61,12 +61,13 @@ def main_options(
     setup_logging(verbose, quiet, log_file)
 
 
-def _logging(verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> dict[str, Any]:
+def _logging(verbose: int = 0, quiet: bool = False, log_file: Path | None = None,
+             debug: bool = False) -> dict[str, Any]:
     """Set up logging from a command's flags added to the ones given before the command; returns them."""
     from forest_inventory.logs import setup_logging
 
     chosen = {"verbose": max(verbose, _APP_LOGGING["verbose"]), "quiet": quiet or _APP_LOGGING["quiet"],
-              "log_file": log_file or _APP_LOGGING["log_file"]}
+              "log_file": log_file or _APP_LOGGING["log_file"], "debug": debug}
     setup_logging(**chosen)
     return chosen
 
@@ -157,7 +158,7 @@ def run_cmd(
     from pipeline.inventory import run_inventory
     from pipeline.options import make_config
 
-    chosen = _logging(verbose, quiet, log_file)
+    chosen = _logging(verbose, quiet, log_file, debug)
     config_obj = make_config({**merged_options(config, flags), "ortho": ortho})  # every check, before work
     console = Console(stderr=True)
     labels = {"tiles": "segmenting tiles", "attributes": "species and height",
@@ -570,7 +571,7 @@ def batch_command(
     Exit code 0: all done or skipped; 3: some orthomosaics failed (one error line each; the others'
     inventories are written; see batch_summary.csv); 2: bad input or options, nothing run.
     """
-    chosen = _logging(verbose, quiet, log_file)
+    chosen = _logging(verbose, quiet, log_file, debug)
     options = _flow_options(config, flags, out)
     from flows.settings import configure
 
@@ -650,7 +651,7 @@ def serve_command(
     The run options (flags or --config) are the deployments' default options."""
     import os
 
-    chosen = _logging(verbose, quiet, log_file)
+    chosen = _logging(verbose, quiet, log_file, debug)
     options = _flow_options(config, flags, out)
     from flows.settings import configure
 

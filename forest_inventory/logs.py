@@ -61,10 +61,11 @@ def console_level(verbose: int = 0, quiet: bool = False) -> int:
     return {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
 
 
-def setup_logging(verbose: int = 0, quiet: bool = False, log_file: str | Path | None = None) -> None:
+def setup_logging(verbose: int = 0, quiet: bool = False, log_file: str | Path | None = None,
+                  debug: bool = False) -> None:
     """Install the console (and file) handlers on the root logger, replacing Prefect's console handler and
     any handler an earlier call installed. Safe to call again after Prefect is imported (it configures the
-    root logger at import)."""
+    root logger at import). ``debug``: tracebacks on the console too (``--debug``)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, _MARK, False) or type(handler).__name__ == "PrefectConsoleHandler":
@@ -73,7 +74,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file: str | Path | 
                 handler.close()
     level = console_level(verbose, quiet)
     console = StderrHandler(level)
-    console.setFormatter(OneLineFormatter())
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s") if debug else OneLineFormatter())
     console.addFilter(ConsoleFilter(show_all=verbose >= 2))
     setattr(console, _MARK, True)
     root.addHandler(console)
@@ -99,9 +100,11 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file: str | Path | 
 
 
 def reset_logging() -> None:
-    """Remove the handlers :func:`setup_logging` installed (closing a log file)."""
+    """Remove the handlers :func:`setup_logging` installed (closing a log file) and its logger levels."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, _MARK, False):
             root.removeHandler(handler)
             handler.close()
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)

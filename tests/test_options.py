@@ -262,3 +262,28 @@ def test_readme_and_makefile_agree():
                   re.findall(r"Monte Carlo, 100k trees × 1000 draws[^|]*\| (\d+\.\d+) s median wall", readme))
     assert len(figures) == 1, figures
     assert readme.count("python -m bench.bench_montecarlo") >= 2
+
+
+def test_console_log_is_one_line_and_the_file_has_the_traceback(tmp_path, capsys):
+    import logging
+
+    from forest_inventory.logs import setup_logging
+
+    setup_logging(log_file=tmp_path / "x.log")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("flows.batch").exception("c.tif: corrupt\nsecond line")
+    logging.getLogger("prefect.flow_runs").error("Finished in state Failed")  # Prefect's: log file only
+    logging.getLogger("pipeline.inventory").info("not on the console by default")
+    assert capsys.readouterr().err == "error: c.tif: corrupt\n"
+    logged = (tmp_path / "x.log").read_text()
+    assert "Traceback" in logged and "ValueError: boom" in logged and "Finished in state Failed" in logged
+    assert "not on the console by default" in logged
+    setup_logging(debug=True)  # --debug: the traceback on the console too
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("flows.batch").exception("c.tif: corrupt")
+    assert "Traceback" in capsys.readouterr().err
+    reset_logging()
