@@ -156,7 +156,7 @@ def run_cmd(
     from rich.table import Table
 
     from pipeline.inventory import run_inventory
-    from pipeline.options import make_config
+    from pipeline.options import make_config, options
 
     chosen = _logging(verbose, quiet, log_file, debug)
     config_obj = make_config({**merged_options(config, flags), "ortho": ortho})  # every check, before work
@@ -186,7 +186,7 @@ def run_cmd(
             ("trees per ha", f"{summary['trees_per_ha']:.1f}"), ("AGB", f"{summary['agb_t']:.2f} t"),
             ("carbon", f"{summary['carbon_t']:.2f} t C"),
             ("CO2e", f"{summary['co2e_t']:.2f} t (90% CI {ci[0]:.2f} to {ci[1]:.2f}, "
-                     f"{config_obj.carbon.get('n_draws', 1000):,} draws)"),
+                     f"{config_obj.carbon.get('n_draws', options()['n_draws'].default):,} draws)"),
             ("heights", "ALLOMETRIC (no CHM/DSM): see the warning above"
              if any("ALLOMETRIC" in w for w in summary.get("warnings") or []) else
              ", ".join(sorted(summary.get("height_inputs") or {})) or "-"),
