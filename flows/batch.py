@@ -2,7 +2,9 @@
 
 Works on Prefect's embedded ephemeral server: nothing to start. Output layout: ``<out>/<stem>/`` per
 orthomosaic (the same files as ``forest-inventory run``) and ``<out>/batch_summary.csv``.
-A CHM next to an orthomosaic named ``<stem>_chm.tif`` is used for its heights.
+A CHM, DSM or DTM next to an orthomosaic named ``<stem>_chm.tif``, ``<stem>_dsm.tif``, ``<stem>_dtm.tif`` is
+used for its heights (it wins over a site-wide one in ``options``). A failing orthomosaic is one row with
+status ``failed`` and a one-line message; its traceback goes to the log (``flows.batch`` logger) only.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from flows.inventory import inventory_flow, outputs_present
+from flows.inventory import inventory_flow, outputs_present, report_progress, set_progress
 from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner, share_api_with_workers
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 ORTHO_SUFFIXES = (".tif", ".tiff", ".vrt")
 #: rasters that accompany an orthomosaic and are not orthomosaics themselves
@@ -47,11 +52,19 @@ def find_orthomosaics(folder: str | Path) -> list[Path]:
 
 def chm_for(ortho: Path) -> Path | None:
     """``<stem>_chm.tif`` (or .tiff) next to the orthomosaic, if present."""
-    for suffix in (".tif", ".tiff"):
-        candidate = ortho.with_name(f"{ortho.stem}_chm{suffix}")
-        if candidate.is_file():
-            return candidate
-    return None
+    return side_files(ortho).get("chm")
+
+
+def side_files(ortho: Path) -> dict[str, Path]:
+    """The height rasters found next to an orthomosaic: ``{"chm"|"dsm"|"dtm": <stem>_<kind>.tif(f)}``."""
+    found = {}
+    for kind in ("chm", "dsm", "dtm"):
+        for suffix in (".tif", ".tiff"):
+            candidate = ortho.with_name(f"{ortho.stem}_{kind}{suffix}")
+            if candidate.is_file():
+                found[kind] = candidate
+                break
+    return found
 
 
 def output_folder(out: str | Path, ortho: Path) -> Path:
@@ -66,13 +79,13 @@ def is_done(out_dir: str | Path) -> bool:
 
 def _summary_row(name: str, status: str, out_dir: Path, seconds: float, summary: dict[str, Any] | None,
                  message: str = "") -> dict[str, Any]:
+    """One row of batch_summary.csv from an inventory's summary (summary.json keys: ``co2e_t_ci90`` is
+    [low, high])."""
     summary = summary or {}
-    total = summary.get("total") if isinstance(summary.get("total"), dict) else summary
+    ci = summary.get("co2e_t_ci90") or [None, None]
     row = {"name": name, "status": status, "out": str(out_dir), "seconds": round(seconds, 2),
-           "message": message}
-    for key in ("n_trees", "co2e_t", "co2e_t_ci90_low", "co2e_t_ci90_high"):
-        value = summary.get(key, total.get(key) if isinstance(total, dict) else None)
-        row[key] = value
+           "message": message, "n_trees": summary.get("n_trees"), "co2e_t": summary.get("co2e_t"),
+           "co2e_t_ci90_low": ci[0], "co2e_t_ci90_high": ci[1]}
     return row
 
 
@@ -111,23 +124,28 @@ def batch_flow(folder: str, out: str, options: dict[str, Any] | None = None, for
     runner = make_task_runner(task_runner, workers=workers, dask_address=dask_address)
     subflow = inventory_flow.with_options(task_runner=runner)
     rows = []
-    for ortho in orthos:
+    for index, ortho in enumerate(orthos):
+        report_progress("files", index, len(orthos))
         out_dir = output_folder(out, ortho)
         if not force and is_done(out_dir):
             rows.append(_summary_row(ortho.stem, "skipped", out_dir, 0.0, _read_summary(out_dir),
                                      "already done"))
             continue
-        chm = chm_for(ortho)
+        flow_options = {**(options or {}), **{k: str(v) for k, v in side_files(ortho).items()}}
         start = time.perf_counter()
-        state = subflow(ortho=str(ortho), out=str(out_dir), chm=str(chm) if chm else None, options=options,
-                        return_state=True)
+        state = subflow(ortho=str(ortho), out=str(out_dir), chm=None, options=flow_options, return_state=True)
         seconds = time.perf_counter() - start
         if state.is_completed():
             rows.append(_summary_row(ortho.stem, "done", out_dir, seconds, state.result()))
+            log.info("%s: done in %.1f s", ortho.name, seconds)
         else:
             exc = state.result(raise_on_failure=False)
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             rows.append(_summary_row(ortho.stem, "failed", out_dir, seconds, None, message))
+            # one line on the console (forest_inventory.logs); the traceback in the log file
+            log.error("%s", message if ortho.name in message else f"{ortho.name}: {message}",
+                      exc_info=exc if isinstance(exc, BaseException) else None)
+    report_progress("files", len(orthos), len(orthos))
     write_batch_summary(Path(out) / "batch_summary.csv", rows)
     return rows
 
@@ -147,9 +165,11 @@ def dask_cluster(workers: int) -> Iterator[str]:
 
 def run_batch(folder: str | Path, out: str | Path, options: dict[str, Any] | None = None, force: bool = False,
               task_runner: str = "threads", workers: int | None = None,
-              dask_address: str | None = None) -> list[dict[str, Any]]:
+              dask_address: str | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
     """Run :func:`batch_flow` in this process. With Dask and no address, one temporary LocalCluster serves
-    every orthomosaic (instead of one cluster per subflow)."""
+    every orthomosaic (instead of one cluster per subflow). ``progress(stage, done, total)``: "files"
+    (absolute) and "tiles" (advance; with the threads runner) events."""
     from flows.settings import local_run
 
     workers = workers or DEFAULT_THREAD_WORKERS
@@ -160,6 +180,8 @@ def run_batch(folder: str | Path, out: str | Path, options: dict[str, Any] | Non
                          "holds them")
     with contextlib.ExitStack() as stack:
         stack.enter_context(local_run())
+        set_progress(progress)
+        stack.callback(set_progress, None)
         if task_runner == "dask" and not dask_address:
             share_api_with_workers()  # before the workers are spawned: they inherit the environment
             dask_address = stack.enter_context(dask_cluster(workers))

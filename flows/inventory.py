@@ -23,8 +23,10 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ from prefect.utilities.annotations import quote
 
 from flows.settings import DEFAULT_THREAD_WORKERS, make_task_runner, result_dir, task_runner_from_env
 from pipeline import inventory as stages
-from pipeline.errors import InputError, InventoryError
+from pipeline.errors import InventoryError
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # run identity (cache keys)
@@ -237,14 +241,34 @@ def exports_task(plan: Any, result: Any, run_key: str) -> Any:
 
 
 def build_config(ortho: str, out: str, chm: str | None = None, options: dict[str, Any] | None = None) -> Any:
-    """``pipeline.inventory.InventoryConfig`` from the flow's (JSON-able) parameters."""
-    fields = {f.name for f in dataclasses.fields(stages.InventoryConfig)}
-    unknown = sorted(set(options or {}) - fields)
-    if unknown:
-        raise InputError(f"inventory option(s) {', '.join(unknown)} are not known: use fields of "
-                         "pipeline.inventory.InventoryConfig")
-    return stages.InventoryConfig(ortho=Path(ortho), out_dir=Path(out), chm=Path(chm) if chm else None,
-                                  **(options or {}))
+    """``pipeline.inventory.InventoryConfig`` from the flow's (JSON-able) parameters: ``options`` are run
+    options of ``pipeline.options`` (flat, or nested in ``carbon``/``postprocess``), checked there."""
+    from pipeline.options import make_config
+
+    values = dict(options or {})
+    if chm:
+        values["chm"] = chm
+    return make_config({**values, "ortho": ortho, "out_dir": out}, "flow options")
+
+
+#: progress callback of the flow runs in this process, (stage, done, total): "tiles" advances by ``done``
+#: tiles, "files" is absolute (batch). Set by ``flows.batch.run_batch``; not a flow parameter (not JSON).
+_PROGRESS: list[Callable[[str, int, int], None] | None] = [None]
+
+
+def set_progress(callback: Callable[[str, int, int], None] | None) -> None:
+    """Report the progress of flow runs started in this process to ``callback`` (None: stop)."""
+    _PROGRESS[0] = callback
+
+
+def report_progress(stage: str, done: int, total: int) -> None:
+    """Send one progress event to the callback of :func:`set_progress`, if any; never raises."""
+    callback = _PROGRESS[0]
+    if callback is not None:
+        try:
+            callback(stage, done, total)
+        except Exception:  # noqa: BLE001 - a display failure must not fail the inventory
+            log.debug("progress callback failed", exc_info=True)
 
 
 def summary_as_dict(summary: Any) -> dict[str, Any]:
@@ -289,7 +313,10 @@ def inventory_flow(ortho: str, out: str, chm: str | None = None,
     plan = validate_task.with_options(**opts)(config, run_key)
     infer = infer_group_task.with_options(**opts)
     futures = infer.map(unmapped(plan), list(range(len(plan.groups))), unmapped(run_key))
-    group_paths = [f.result() for f in futures]
+    group_paths = []
+    for gi, future in enumerate(futures):
+        group_paths.append(future.result())
+        report_progress("tiles", len(plan.groups[gi]), len(plan.tiles))
     for i, path in enumerate(group_paths):  # a cached group whose file was deleted: compute it again
         if not Path(path).exists():
             group_paths[i] = infer.with_options(refresh_cache=True)(quote(plan), i, run_key)

@@ -25,7 +25,7 @@ from pipeline.errors import InputError
 SERVER_HINT = ("start one with `prefect server start --host 127.0.0.1 --port 4200` and set "
                "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
-log = logging.getLogger("forest_inventory.serve")
+log = logging.getLogger(__name__)
 
 
 def require_server() -> str:
@@ -62,7 +62,7 @@ class FolderWatcher:
 
     def poll_once(self) -> list[str]:
         """One scan; returns the flow run ids it created."""
-        from flows.batch import chm_for, find_orthomosaics, is_done, output_folder
+        from flows.batch import find_orthomosaics, is_done, output_folder, side_files
 
         ready = []
         for ortho in find_orthomosaics(self.folder):
@@ -82,9 +82,9 @@ class FolderWatcher:
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name(self.deployment)
             for ortho in ready:
-                chm = chm_for(ortho)
+                side = {k: str(v) for k, v in side_files(ortho).items()}
                 params = {"ortho": str(ortho), "out": str(output_folder(self.out, ortho)),
-                          "chm": str(chm) if chm else None, "options": self.options}
+                          "chm": None, "options": {**(self.options or {}), **side}}
                 run = client.create_flow_run_from_deployment(deployment.id, parameters=params,
                                                              tags=["watch"])
                 self.triggered[str(ortho.resolve())] = str(run.id)

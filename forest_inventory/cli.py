@@ -8,6 +8,7 @@ Bad input -> one line on stderr and exit 2; internal failure -> exit 1; tracebac
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +16,60 @@ from typing import Any
 
 import typer
 
+from forest_inventory.cli_options import PlainArgumentsCommand, merged_options, with_run_options
 from pipeline.errors import InputError, InventoryError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# plain help (rich_markup_mode=None): square brackets in help texts stay text, flags show no value type
+log = logging.getLogger(__name__)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Drone orthomosaics to forest-carbon inventories.")
-train_app = typer.Typer(no_args_is_help=True,
+train_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Train the crown or species model (needs the train extra).")
 app.add_typer(train_app, name="train")
+
+DEBUG_HELP = "Show tracebacks."
+EXIT_PARTIAL = 3  # batch: at least one orthomosaic failed, the others were inventoried
+
+#: logging flags given before the command (forest-inventory -v run ...); a command's own flags add to them
+_APP_LOGGING: dict[str, Any] = {"verbose": 0, "quiet": False, "log_file": None}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from forest_inventory import __version__
+
+        typer.echo(f"forest-inventory {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False,
+                                help="More messages: -v stages and timings, -vv debug and Prefect's "
+                                "run logs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only: no progress bars, no info."),
+    log_file: Path | None = typer.Option(None, "--log-file", metavar="PATH", help="Append every message, "
+                                         "with tracebacks, to this file."),
+) -> None:
+    """Drone orthomosaics to forest-carbon inventories."""
+    _APP_LOGGING.update(verbose=verbose, quiet=quiet, log_file=log_file)
+    from forest_inventory.logs import setup_logging
+
+    setup_logging(verbose, quiet, log_file)
+
+
+def _logging(verbose: int = 0, quiet: bool = False, log_file: Path | None = None,
+             debug: bool = False) -> dict[str, Any]:
+    """Set up logging from a command's flags added to the ones given before the command; returns them."""
+    from forest_inventory.logs import setup_logging
+
+    chosen = {"verbose": max(verbose, _APP_LOGGING["verbose"]), "quiet": quiet or _APP_LOGGING["quiet"],
+              "log_file": log_file or _APP_LOGGING["log_file"], "debug": debug}
+    setup_logging(**chosen)
+    return chosen
 
 
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,88 +111,61 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parse_bands(text: str) -> tuple[int, ...]:
-    """Parse ``--bands 1,2,3`` into 1-based band indexes."""
-    try:
-        bands = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise InputError(f"--bands {text!r} is not a comma-separated list of band numbers: "
-                         "use e.g. --bands 1,2,3") from None
-    if len(bands) != 3 or min(bands) < 1:
-        raise InputError(f"--bands {text!r} must name three 1-based bands (red,green,blue), "
-                         "e.g. --bands 1,2,3")
-    return bands
+    """Parse ``--bands 1,2,3`` into 1-based band indexes (the ``bands`` run option)."""
+    from pipeline.options import check_value, options
+
+    return check_value(options()["bands"], text, "--bands")
 
 
-def height_diameter_options(hd_e: float | None, hd_local: str | None) -> dict[str, Any]:
-    """CarbonConfig fields from ``--hd-e`` and ``--hd-local a,b,c,rse``."""
-    options: dict[str, Any] = {}
-    if hd_e is not None:
-        options["hd_environmental_stress_e"] = float(hd_e)
-    if hd_local:
-        try:
-            values = [float(v) for v in hd_local.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != 4:
-            raise InputError(f"--hd-local {hd_local!r} needs four numbers a,b,c,rse "
-                             "(ln H = a + b ln D + c (ln D)^2), e.g. --hd-local 0.9,0.7,0,0.2")
-        options["hd_model"] = "local"
-        options["hd_local"] = dict(zip(("a", "b", "c", "rse"), values, strict=True))
-    return options
+def check_threads(threads: int | None) -> int | None:
+    """``--threads`` of a command outside the run options, checked the same way (1 to the cores)."""
+    from pipeline.options import check_value, options
+
+    return check_value(options()["threads"], threads, "--threads")
 
 
 # --- commands: inventory (run) ---
 
 
-@app.command("run")
+CONFIG_HELP = ("TOML file of run options (template: forest-inventory config --print-defaults); flags "
+               "override it.")
+VERBOSE_HELP = "More messages: -v stages and timings, -vv debug and Prefect's run logs."
+QUIET_HELP = "Errors only: no progress bars, no info."
+LOG_FILE_HELP = "Append every message, with tracebacks, to this file."
+
+
+@app.command("run", cls=PlainArgumentsCommand)
+@with_run_options(exclude={"ortho"})
 @handle_errors
 def run_cmd(
-    ortho: str = typer.Argument(..., help="Orthomosaic (GeoTIFF, COG or VRT; RGB, RGBA or multiband)."),
-    out: str = typer.Option(..., "--out", help="Output folder (created; rerunning resumes unfinished work)."),
-    chm: str = typer.Option(None, "--chm", help="Canopy height model (any CRS/resolution), m."),
-    dtm: str = typer.Option(None, "--dtm", help="Digital terrain model, with --dsm: height = DSM - DTM."),
-    dsm: str = typer.Option(None, "--dsm", help="Digital surface model; alone, the ground comes from its "
-                            "gaps between crowns (interpolated)."),
-    crown_model: str = typer.Option(None, "--crown-model", help="Crown ONNX model [models/zoo/crowns.onnx]."),
-    species_model: str = typer.Option(None, "--species-model",
-                                      help="Species ONNX model [models/zoo/species.onnx when present]."),
-    no_species: bool = typer.Option(False, "--no-species", help="Skip species: every tree is 'unknown'."),
-    bands: str | None = typer.Option(None, "--bands", help="1-based red,green,blue band numbers "
-                                      "[default: RGB-tagged bands, or 1,2,3]."),
-    crs: str = typer.Option(None, "--crs", help="CRS for an input without one, e.g. EPSG:32617."),
-    threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads [all cores]."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the carbon Monte Carlo."),
-    plots: str = typer.Option(None, "--plots", help="Plot polygons (GPKG/GeoJSON) for per-plot totals."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Tiles per ONNX call (more: more memory)."),
-    tta: bool = typer.Option(False, "--tta", help="Average the crown model over 4 flipped/rotated views "
-                             "of each tile (4x segmentation time)."),
-    hd_e: float = typer.Option(None, "--hd-e", help="Chave 2014 E of the site (heights without CHM/DSM); "
-                               "unset: E 0 with SD 0.5 in the interval."),
-    hd_local: str = typer.Option(None, "--hd-local", help="Local height-diameter fit a,b,c,rse: "
-                                 "ln H = a + b ln D + c (ln D)^2 (H m, D cm), residual SD rse."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the inventory of another "
-                                   "orthomosaic in --out (refused otherwise; the same one resumes)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    ortho: str = typer.Argument(..., metavar="ORTHO",
+                                help="Orthomosaic (GeoTIFF, COG or VRT; RGB, RGBA or multiband)."),
+    config: Path | None = typer.Option(None, "--config", metavar="PATH", help=CONFIG_HELP),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=VERBOSE_HELP,
+                                 show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    log_file: Path | None = typer.Option(None, "--log-file", metavar="PATH", help=LOG_FILE_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    **flags: Any,
 ) -> None:
-    """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out."""
+    """Inventory one orthomosaic: crowns, species, height, carbon; GIS layers and a summary in --out.
+
+    Every option can also come from a --config TOML file; flags given here override it."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from pipeline.inventory import InventoryConfig, run_inventory
+    from pipeline.inventory import run_inventory
+    from pipeline.options import make_config, options
     from pipeline.summary import gsd_note
 
-    config = InventoryConfig(ortho=ortho, out_dir=out, chm=chm, dtm=dtm, dsm=dsm, crown_model=crown_model,
-                             species_model=species_model, use_species_model=not no_species,
-                             bands=parse_bands(bands) if bands else None, crs=crs, threads=threads,
-                             seed=seed, plots=plots,
-                             batch_size=batch_size, tta=tta, carbon=height_diameter_options(hd_e, hd_local),
-                             overwrite=overwrite)
+    chosen = _logging(verbose, quiet, log_file, debug)
+    config_obj = make_config({**merged_options(config, flags), "ortho": ortho})  # every check, before work
     console = Console(stderr=True)
     labels = {"tiles": "segmenting tiles", "attributes": "species and height",
               "carbon": "carbon (Monte Carlo)", "outputs": "writing outputs"}
     columns = (TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=chosen["quiet"]) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -155,23 +176,47 @@ def run_cmd(
             else:
                 bar.update(tasks[stage], completed=done, total=max(total, 1))
 
-        summary = run_inventory(config, progress=progress)
+        summary = run_inventory(config_obj, progress=progress)
+    for warning in summary.get("warnings") or []:  # loud: allometric heights, detection error not included
+        log.warning("%s", warning)  # one line on the console (not with --quiet), and in --log-file
+    if chosen["quiet"]:
+        return
     table = Table(title=f"Inventory of {ortho}", show_header=False)
     ci = summary.get("co2e_t_ci90") or [float("nan")] * 2
     rows = [("trees", f"{summary['n_trees']:,}"), ("area (valid)", f"{summary['area_ha']:.3f} ha"),
             ("trees per ha", f"{summary['trees_per_ha']:.1f}"), ("AGB", f"{summary['agb_t']:.2f} t"),
             ("carbon", f"{summary['carbon_t']:.2f} t C"),
-            ("CO2e", f"{summary['co2e_t']:.2f} t (90% CI {ci[0]:.2f} to {ci[1]:.2f})"),
-            ("heights", "ALLOMETRIC (no CHM/DSM): see the warning below"
+            ("CO2e", f"{summary['co2e_t']:.2f} t (90% CI {ci[0]:.2f} to {ci[1]:.2f}, "
+                     f"{config_obj.carbon.get('n_draws', options()['n_draws'].default):,} draws)"),
+            ("heights", "ALLOMETRIC (no CHM/DSM): see the warning above"
              if any("ALLOMETRIC" in w for w in summary.get("warnings") or []) else
              ", ".join(sorted(summary.get("height_inputs") or {})) or "-"),
             ("CRS", summary["crs"]), ("GSD", gsd_note(summary)),
-            ("time", f"{summary['elapsed_s']:.1f} s"), ("outputs", str(out))]
+            ("time", f"{summary['elapsed_s']:.1f} s"), ("outputs", str(config_obj.out_dir))]
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
-    for warning in summary.get("warnings") or []:  # loud: allometric heights, detection error not included
-        console.print(f"[bold red]warning:[/] {warning}")
+
+
+@app.command("config")
+@handle_errors
+def config_cmd(
+    print_defaults: bool = typer.Option(False, "--print-defaults", help="Write a commented TOML template of "
+                                        "every run option at its default to stdout."),
+    check: Path | None = typer.Option(None, "--check", metavar="PATH", help="Check a config file: every key "
+                                      "known, every value allowed."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Run options as a TOML file: print the template, or check a file (forest-inventory run --config)."""
+    from pipeline.options import config_template, load_config_file
+
+    if not print_defaults and check is None:
+        raise InputError("config needs --print-defaults (write a template) or --check FILE")
+    if print_defaults:
+        typer.echo(config_template(), nl=False)
+    if check is not None:
+        values = load_config_file(check)
+        typer.echo(f"{check}: {len(values)} option(s), all valid")
 
 
 # --- commands: synth ---
@@ -189,7 +234,7 @@ def synth_cmd(
     compress: str = typer.Option("deflate", "--compress", help="Orthomosaic compression: deflate or jpeg."),
     crown_style: str = typer.Option("smooth", "--crown-style",
                                     help="Crown look: smooth (default) or clumped (branch clumps)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Generate a synthetic forest scene with known truth (crowns, species, height, DBH, AGB)."""
     import time
@@ -253,7 +298,7 @@ def train_crowns_cmd(
     encoder_init: str = typer.Option("", "--encoder-init",
                                      help="'' = random encoder; 'nsfwjs' = ImageNet MobileNetV2 start "
                                      "(fetched with npm; switches the encoder to mobilenet_v2)"),
-    debug: bool = typer.Option(False, "--debug"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Train the crown model on boxes or polygons, calibrate thresholds on held-out blocks, export ONNX."""
     from models.train_crowns import DEFAULT_ANNOTATIONS, TrainCrownsConfig, run_training
@@ -278,10 +323,11 @@ def train_crowns_cmd(
     typer.echo(f"model: {result['onnx']}  validation: {result['validation']}")
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=PlainArgumentsCommand)
 @handle_errors
 def evaluate_cmd(
-    image: str = typer.Argument(None, help="orthomosaic (GeoTIFF) to segment; omit it to score every image "
+    image: str = typer.Argument(None, metavar="[IMAGE]",
+                                help="orthomosaic (GeoTIFF) to segment; omit it to score every image "
                                 "of a multi-image --truth CSV"),
     truth: str = typer.Option(..., "--truth",
                               help="reference crowns: DeepForest CSV (one or many images), Pascal VOC XML "
@@ -302,12 +348,13 @@ def evaluate_cmd(
                                    "crowns-dense.onnx): F1 difference, paired block-bootstrap interval"),
     block_m: float = typer.Option(10.0, "--block-m", help="bootstrap block side for --compare-to, m "
                                   "(multi-image: the blocks are plots)"),
-    debug: bool = typer.Option(False, "--debug"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Crown precision/recall/F1 at IoU 0.4 and 0.5 (Hungarian matching), area error and pixel IoU.
 
     Without IMAGE, --truth is a multi-image DeepForest CSV (optional site and plot columns): per-site and
     pooled P / R / F1 over its images, or over the plots of --split/--subset or --plots."""
+    threads = check_threads(threads)
     if compare_to is not None and not Path(compare_to).is_file():
         raise InputError(f"{compare_to}: baseline crown model not found; pass an ONNX file to --compare-to")
     if image is None:
@@ -408,7 +455,7 @@ def train_species_cmd(
     threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
     seed: int = typer.Option(0, "--seed", help="Training seed (initialisation, shuffling, augmentation)."),
     model_version: str = typer.Option("species-custom", "--model-version"),
-    debug: bool = typer.Option(False, "--debug"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Train the species chip classifier (synthetic scenes by default, or labelled crowns), export ONNX."""
     from models.train_species import SpeciesTrainConfig, train_species
@@ -451,7 +498,7 @@ def compress_cmd(
                                     "calibration crops (more: slower, steadier scores)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Choose the compressed model's own "
                                      "post-processing thresholds on the training run's validation."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Compress the crown model (PFP, SiPP, ALDS, SbF or a baseline); export it with a compression record."""
     if budget not in ("macs", "params"):
@@ -473,82 +520,142 @@ def compress_cmd(
 # --- commands: flows (batch, serve) ---
 
 
-def _flow_options(crown_model: Path | None, species_model: Path | None) -> dict[str, Any]:
-    """InventoryConfig fields the flow commands pass through (JSON-able: flow parameters are stored)."""
-    options: dict[str, Any] = {}
-    if crown_model is not None:
-        options["crown_model"] = str(crown_model)
-    if species_model is not None:
-        options["species_model"] = str(species_model)
-    return options
+def _flow_options(config: Path | None, flags: dict[str, Any], placeholder: Path) -> dict[str, Any]:
+    """The run options of a flow command (config file + flags), checked up front and JSON-able (flow
+    parameters are stored). ``placeholder``: stands in for the per-file ORTHO/--out in the check."""
+    from pipeline.options import make_config, to_jsonable
+
+    values = merged_options(config, flags)
+    make_config({**values, "ortho": placeholder, "out_dir": placeholder})  # every check, before any work
+    return to_jsonable(values)
 
 
-@app.command("batch")
+def _fmt(value: Any, digits: int = 2) -> str:
+    """A number for the console: rounded; '' for none."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+@app.command("batch", cls=PlainArgumentsCommand)
+@with_run_options(exclude={"ortho", "out_dir"})
 @handle_errors
 def batch_command(
-    folder: Path = typer.Argument(..., help="Folder of orthomosaics (*.tif, *.tiff, *.vrt); <stem>_chm.tif "
-                                  "next to one is its CHM."),
-    out: Path = typer.Option(..., "--out", help="Output folder: one sub-folder per orthomosaic."),
-    crown_model: Path | None = typer.Option(None, "--crown-model", help="Crown ONNX model (default: zoo)."),
-    species_model: Path | None = typer.Option(None, "--species-model", help="Species ONNX model."),
+    folder: Path = typer.Argument(..., metavar="FOLDER",
+                                  help="Folder of orthomosaics (*.tif, *.tiff, *.vrt); "
+                                  "<stem>_chm.tif, <stem>_dsm.tif, <stem>_dtm.tif next to one are its height "
+                                  "rasters."),
+    out: Path = typer.Option(..., "--out", metavar="PATH", help="Output folder: one sub-folder per "
+                             "orthomosaic, and batch_summary.csv."),
+    config: Path | None = typer.Option(None, "--config", metavar="PATH", help=CONFIG_HELP),
     force: bool = typer.Option(False, "--force", help="Redo orthomosaics that are already done."),
-    task_runner: str = typer.Option("threads", "--task-runner", help="threads | dask"),
-    dask_address: str | None = typer.Option(None, "--dask-address",
+    task_runner: str = typer.Option("threads", "--task-runner", metavar="threads|dask",
+                                    help="Prefect task runner. [default: threads]", show_default=False),
+    dask_address: str | None = typer.Option(None, "--dask-address", metavar="URL",
                                             help="Existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
                                             "(default: a temporary local cluster)."),
-    workers: int | None = typer.Option(None, "--workers", min=1, help="Task threads or local Dask workers "
-                                       "(default: 2 on 4+ cores, else 1)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    workers: int | None = typer.Option(None, "--workers", min=1, metavar="N", help="Task threads or local "
+                                       "Dask workers (default: 2 on 4+ cores, else 1)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=VERBOSE_HELP,
+                                 show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    log_file: Path | None = typer.Option(None, "--log-file", metavar="PATH", help=LOG_FILE_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    **flags: Any,
 ) -> None:
     """Inventory every orthomosaic in FOLDER as Prefect flows (embedded server: nothing to start).
 
-    Finished orthomosaics are skipped; an interrupted one resumes from its finished tile groups.
+    Finished orthomosaics are skipped; an interrupted one resumes from its finished tile groups. Every run
+    option applies to each orthomosaic (a --chm/--dsm/--dtm given here is a site-wide raster; side files win).
+    Exit code 0: all done or skipped; 3: some orthomosaics failed (one error line each; the others'
+    inventories are written; see batch_summary.csv); 2: bad input or options, nothing run.
     """
+    chosen = _logging(verbose, quiet, log_file, debug)
+    options = _flow_options(config, flags, out)
     from flows.settings import configure
 
     configure(out)
-    from flows.batch import run_batch
-
-    rows = run_batch(folder, out, options=_flow_options(crown_model, species_model), force=force,
-                     task_runner=task_runner, workers=workers, dask_address=dask_address)
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    table = Table(title=f"batch {folder} -> {out}")
-    for column in ("name", "status", "n_trees", "co2e_t", "seconds", "message"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in
-                        ("name", "status", "n_trees", "co2e_t", "seconds", "message")))
-    Console().print(table)
-    typer.echo(f"summary: {out / 'batch_summary.csv'}")
-    if any(row["status"] == "failed" for row in rows):
-        raise typer.Exit(1)
+    from flows.batch import find_orthomosaics, run_batch
+
+    n_files = len(find_orthomosaics(folder))
+    _logging(**chosen)  # again: importing Prefect installed its own console handler
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=chosen["quiet"]) as bar:
+        files = bar.add_task("orthomosaics", total=max(n_files, 1))
+        tiles = bar.add_task("tiles of this one", total=1)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage == "files":
+                bar.update(files, completed=done, total=max(total, 1))
+                if done < total:  # the next orthomosaic starts
+                    bar.update(tiles, completed=0, total=1)
+            elif stage == "tiles":
+                bar.update(tiles, total=max(total, 1))
+                bar.advance(tiles, done)
+
+        rows = run_batch(folder, out, options=options, force=force, task_runner=task_runner,
+                         workers=workers, dask_address=dask_address, progress=progress)
+    failed = [row for row in rows if row["status"] == "failed"]
+    if not chosen["quiet"]:
+        table = Table(title=f"batch {folder} -> {out}")
+        for column in ("name", "status", "trees", "CO2e t", "90% CI t", "seconds"):
+            table.add_column(column, justify="left" if column in ("name", "status") else "right")
+        for row in rows:
+            ci = (f"{_fmt(row.get('co2e_t_ci90_low'))} to {_fmt(row.get('co2e_t_ci90_high'))}"
+                  if row.get("co2e_t_ci90_low") not in (None, "") else "")
+            table.add_row(row["name"], row["status"], _fmt(row.get("n_trees")), _fmt(row.get("co2e_t")), ci,
+                          _fmt(row.get("seconds"), 1))
+        Console().print(table)
+        typer.echo(f"summary: {out / 'batch_summary.csv'}")
+    if failed:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command("serve")
+@with_run_options(exclude={"ortho", "out_dir"})
 @handle_errors
 def serve_command(
-    out: Path = typer.Option(..., "--out", help="Output folder: one sub-folder per orthomosaic."),
-    folder: Path | None = typer.Option(None, "--folder", help="Input folder for --cron and --watch."),
-    cron: str | None = typer.Option(None, "--cron", help="Batch over --folder on this schedule, e.g. "
-                                    "'0 2 * * *' (02:00 daily)."),
+    out: Path = typer.Option(..., "--out", metavar="PATH", help="Output folder: one sub-folder per "
+                             "orthomosaic."),
+    folder: Path | None = typer.Option(None, "--folder", metavar="PATH",
+                                       help="Input folder for --cron and --watch."),
+    config: Path | None = typer.Option(None, "--config", metavar="PATH", help=CONFIG_HELP),
+    cron: str | None = typer.Option(None, "--cron", metavar="CRON", help="Batch over --folder on this "
+                                    "schedule, e.g. '0 2 * * *' (02:00 daily)."),
     watch: bool = typer.Option(False, "--watch", help="Start an inventory for each new file in --folder."),
-    watch_interval: float = typer.Option(30.0, "--watch-interval", min=1.0, help="Seconds between scans."),
-    name: str = typer.Option("forest-inventory", "--name", help="Deployment name."),
-    api_url: str | None = typer.Option(None, "--api-url", help="Prefect server API (default: "
+    watch_interval: float = typer.Option(30.0, "--watch-interval", min=1.0, metavar="S",
+                                         help="Seconds between scans."),
+    name: str = typer.Option("forest-inventory", "--name", metavar="NAME", help="Deployment name."),
+    api_url: str | None = typer.Option(None, "--api-url", metavar="URL", help="Prefect server API (default: "
                                        "$PREFECT_API_URL), e.g. http://127.0.0.1:4200/api"),
-    crown_model: Path | None = typer.Option(None, "--crown-model", help="Crown ONNX model (default: zoo)."),
-    species_model: Path | None = typer.Option(None, "--species-model", help="Species ONNX model."),
-    task_runner: str = typer.Option("threads", "--task-runner", help="threads | dask"),
-    dask_address: str | None = typer.Option(None, "--dask-address", help="Existing Dask scheduler."),
-    workers: int | None = typer.Option(None, "--workers", min=1, help="Task threads or local Dask workers "
-                                       "(default: 2 on 4+ cores, else 1)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    task_runner: str = typer.Option("threads", "--task-runner", metavar="threads|dask",
+                                    help="Prefect task runner. [default: threads]", show_default=False),
+    dask_address: str | None = typer.Option(None, "--dask-address", metavar="URL",
+                                            help="Existing Dask scheduler."),
+    workers: int | None = typer.Option(None, "--workers", min=1, metavar="N", help="Task threads or local "
+                                       "Dask workers (default: 2 on 4+ cores, else 1)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help=VERBOSE_HELP,
+                                 show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    log_file: Path | None = typer.Option(None, "--log-file", metavar="PATH", help=LOG_FILE_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    **flags: Any,
 ) -> None:
-    """Serve the inventory deployments on a running local Prefect server (`prefect server start`)."""
+    """Serve the inventory deployments on a running local Prefect server (`prefect server start`).
+
+    The run options (flags or --config) are the deployments' default options."""
     import os
 
+    chosen = _logging(verbose, quiet, log_file, debug)
+    options = _flow_options(config, flags, out)
     from flows.settings import configure
 
     if api_url:
@@ -556,8 +663,9 @@ def serve_command(
     configure(out)
     from flows.serve import serve
 
+    _logging(**chosen)
     serve(out.resolve(), folder=folder.resolve() if folder else None, cron=cron, watch=watch,
-          watch_interval_s=watch_interval, name=name, options=_flow_options(crown_model, species_model),
+          watch_interval_s=watch_interval, name=name, options=options,
           task_runner=task_runner, workers=workers, dask_address=dask_address)
 
 

@@ -11,6 +11,7 @@ as ground (the gaps between crowns), linear interpolation between them), the usu
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -30,6 +31,8 @@ from rasterio.windows import Window
 
 from pipeline.errors import InputError
 from pipeline.memory import release_free_heap
+
+log = logging.getLogger(__name__)
 
 PERCENTILE = 95.0
 GROUND_CELL_M = 1.0  # grid of the DSM-derived ground (DSM minima per cell)
@@ -219,6 +222,7 @@ def crown_heights(crowns_gdf: gpd.GeoDataFrame, chm: str | os.PathLike | None = 
             raise InputError("a DTM alone gives no heights: pass --dsm with it (or --chm)")
         return np.full(n, np.nan), "none"
     source = "chm" if chm is not None else "dsm-dtm" if dtm is not None else "dsm-ground"
+    log.info("heights of %d crowns: %s", n, source)
     heights = np.full(n, np.nan)
     if n == 0:
         return heights, source

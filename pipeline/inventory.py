@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.resources
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,6 +41,8 @@ from pipeline.raster import Ortho, Stretch, open_ortho
 from pipeline.summary import build_summary
 from pipeline.tiling import Tile, group_tiles, plan_tiles
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stage "tiles" advances per tile
 
 QUICKLOOK_MAX_PX = 2048  # quicklook.png: the input's resolution, its longest edge capped at this
@@ -58,7 +61,11 @@ def default_model_path(name: str) -> Path:
 
 @dataclass
 class InventoryConfig:
-    """Every parameter of one inventory run (paths, bands 1-based, CRS as "EPSG:XXXX")."""
+    """Every parameter of one inventory run (paths, bands 1-based, CRS as "EPSG:XXXX").
+
+    The fields are the run options of ``pipeline.options`` (CLI flags, the TOML config file, batch, serve,
+    the flows and ``forest_inventory.api``): a field added here is an option everywhere. ``postprocess``
+    holds the crown thresholds, ``carbon`` the ``CarbonConfig`` options; both are checked on construction."""
 
     ortho: Path
     out_dir: Path
@@ -88,6 +95,9 @@ class InventoryConfig:
                 setattr(self, name, Path(value))
         if self.bands is not None:
             self.bands = tuple(int(b) for b in self.bands)  # type: ignore[assignment]
+        from pipeline.options import check_config
+
+        check_config(self)  # unknown keys and bad values fail here, before any work (pipeline.options)
 
 
 @dataclass
@@ -390,6 +400,9 @@ def validate(config: InventoryConfig) -> RunPlan:
     (work / "groups").mkdir(parents=True, exist_ok=True)
     with atomic_path(plan_file) as tmp:
         tmp.write_text(json.dumps({"fingerprint": fingerprint, **fp_doc}, indent=1))
+    log.info("%s: %d x %d px at %.3f m (%s), %d tiles in %d groups, crown model %s", cfg.ortho.name,
+             grid["width"], grid["height"], grid["gsd_m"], grid["crs_name"], len(tiles), len(groups),
+             crown_path.name)
     return RunPlan(config=cfg, work_dir=work, crown_model_path=crown_path, species_model_path=species_path,
                    models=models, crown_meta=crown.meta, species_meta=species.meta if species else None,
                    postprocess=pp, tiles=tiles, groups=groups, fingerprint=fingerprint,
@@ -584,6 +597,7 @@ def add_carbon(plan: RunPlan, trees: StoredCrowns | gpd.GeoDataFrame):
             extra.setdefault(key, value)
     table = pd.DataFrame(trees, copy=False)  # a view without the attrs (the species probabilities)
     table.attrs = {}
+    log.info("carbon: %d trees, %d Monte Carlo draws", len(table), extra.get("n_draws", CarbonConfig.n_draws))
     result = estimate_carbon(table, CarbonConfig(**extra), groups)
     out = result.trees
     if len(out) != len(trees) or not np.array_equal(out["tree_id"].to_numpy(), trees["tree_id"].to_numpy()):
@@ -689,6 +703,7 @@ def run_inventory(config: InventoryConfig, progress: Progress | None = None) -> 
     try:
         paths = [infer_group(plan, gi, progress) for gi in range(len(plan.groups))]
         crowns = collect_crowns(plan, paths)
+        log.info("segmentation: %d crowns in %.1f s", len(crowns), time.time() - plan.started)
         if progress:
             progress("attributes", 0, 1)
         trees = add_attributes(plan, crowns)
@@ -705,4 +720,6 @@ def run_inventory(config: InventoryConfig, progress: Progress | None = None) -> 
         plan.close()
     with contextlib.suppress(OSError):
         shutil.rmtree(plan.groups_dir)
+    log.info("%s: %d trees, %.2f t CO2e, outputs in %s (%.1f s)", config.ortho.name, summary["n_trees"],
+             summary["co2e_t"], config.out_dir, time.time() - plan.started)
     return summary

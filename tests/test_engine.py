@@ -371,11 +371,12 @@ def test_detection_calibration_from_the_crown_model_and_warnings(tmp_path, scene
 
 
 def test_cli_sets_the_site_height_diameter_relation(tmp_path, scene, models):
-    from forest_inventory.cli import app, height_diameter_options
+    from forest_inventory.cli import app
+    from pipeline.options import check_options
 
-    assert height_diameter_options(0.3, None) == {"hd_environmental_stress_e": 0.3}
-    assert height_diameter_options(None, "0.9,0.7,0,0.2")["hd_local"] == {"a": 0.9, "b": 0.7, "c": 0.0,
-                                                                          "rse": 0.2}
+    assert check_options({"hd_environmental_stress_e": 0.3}) == {"hd_environmental_stress_e": 0.3}
+    assert check_options({"hd_local": "0.9,0.7,0,0.2"})["hd_local"] == {"a": 0.9, "b": 0.7, "c": 0.0,
+                                                                         "rse": 0.2}
     runner = CliRunner()
     args = ["run", str(scene[0]), "--crown-model", str(models[0]), "--species-model", str(models[1]),
             "--threads", "1"]

@@ -225,6 +225,10 @@ HD_E_SD_GIVEN = 0.1
 HD_LOCAL_INTERCEPT_SD = 0.05
 
 
+#: names of :func:`height_diameter_model` (``local`` needs the coefficients)
+HD_MODELS = ("chave2014_eq6a", "feldpausch2012_pantropical", "feldpausch2012_seasia", "local")
+
+
 def height_diameter_model(name: str = "feldpausch2012_pantropical",
                           environmental_stress_e: float | None = None, e_sd: float | None = None,
                           local: dict | None = None) -> HeightDiameterModel:
@@ -262,8 +266,7 @@ def height_diameter_model(name: str = "feldpausch2012_pantropical",
         label = f"E not set: 0 +- {sd:g}" if environmental_stress_e is None else f"E = {e:g} +- {sd:g}"
         return HeightDiameterModel(name, "chave_eq6a", environmental_stress_e=e, rse_log=0.243,
                                    source=f"Chave et al. 2014 eq. 6a (RSE 0.243; {label})", shared_sd_log=sd)
-    raise InputError(f"unknown height-diameter model {name!r}; use feldpausch2012_pantropical, "
-                     "feldpausch2012_seasia, chave2014_eq6a or local")
+    raise InputError(f"unknown height-diameter model {name!r}; use {', '.join(HD_MODELS)}")
 
 
 def height_from_crown_m(crown_diameter_m: ArrayLike, hd_model: HeightDiameterModel,

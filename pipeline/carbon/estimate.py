@@ -9,7 +9,9 @@ Units: kg per tree, t per group; lengths in m, D in cm, rho in g/cm³.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from pipeline.carbon.montecarlo import McInputs, SharedFactors, interval_stats, 
 from pipeline.carbon.wood_density import WoodDensityTable, plant_group_of
 from pipeline.errors import InputError
 from pipeline.memory import compact_labels
+
+log = logging.getLogger(__name__)
 
 AGB_MODELS = ("chave2014_eq4", "jucker2017_hcd")
 REPORTING_N_DRAWS = 10_000  # draws for reported numbers (ART-TREES asks for 10,000); 1,000 by default
@@ -426,12 +430,15 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
         ids = groups["species"]
         species_labels = {int(i): str(species[np.flatnonzero(ids == i)[0]]) for i in np.unique(ids[ids >= 0])}
 
+    started = time.perf_counter()
     mc = run_monte_carlo(
         McInputs(ln_point=np.log(main["agb_kg"]), noise_var=main["noise_var"], loadings=main["loadings"],
                  param_sd=main["param_sd"], plant_group=pg, species_probs=probs_k, ln_point_k=ln_k,
                  noise_var_k=var_k, centre_var_k=cvar_k, plant_group_k=pg_k, taxon=taxon, taxon_k=taxon_k,
                  taxon_ln_sd=taxon_sd, wd_loading=main["wd_loading"], centre_var=main["centre_var"]),
         shared, groups, n_draws=config.n_draws, seed=config.seed, threads=config.threads)
+    log.debug("Monte Carlo: %d trees x %d draws in %.2f s", len(t), config.n_draws,
+              time.perf_counter() - started)
     del probs_k, ln_k, var_k, cvar_k, main["loadings"], main["noise_var"]  # the draws are done
 
     # point estimates per tree: carbon fraction of the expected species mixture (= the group's CF when fixed)
@@ -490,7 +497,7 @@ def estimate_carbon(trees: pd.DataFrame, config: CarbonConfig | None = None,
                                 mc.total_agb, mc.total_co2e, sums["agb_kg"], sums["co2e_kg"], config.seed)
     basis = detection.get("total") or total
     rules = standards.conservative_estimates(basis["co2e_t"], basis["co2e_halfwidth90_pct"],
-                                             basis["co2e_halfwidth95_pct"])
+                                             basis["co2e_halfwidth95_pct"], config.n_draws)
     total_draws = detection.pop("co2e_draws_kg", mc.total_co2e)
     alt_total_t = float(alt_agb.sum() / 1000)
     sensitivity = {"agb_model": config.agb_model, "alternative_model": alt_model,

@@ -156,7 +156,7 @@ def test_bad_input_is_an_input_error_through_fn(tmp_path, tiny_models):
                           options={"crown_model": str(crown)})
     with pytest.raises(InputError, match="missing.tif"):
         validate_task.fn(config, run_identity(config))
-    with pytest.raises(InputError, match="not known"):
+    with pytest.raises(InputError, match="unknown option .tile_sise.*tiles_per_group"):
         build_config(str(SAMPLE_ORTHO), str(tmp_path / "out"), options={"tile_sise": 3})
 
 
