@@ -498,9 +498,11 @@ def batch_command(
 
     Finished orthomosaics are skipped; an interrupted one resumes from its finished tile groups.
     """
-    from flows.settings import configure
+    from flows.settings import configure, temporary_server_notice
 
     configure(out)
+    if (notice := temporary_server_notice()) is not None:
+        typer.echo(f"batch: {notice}", err=True)
     from flows.batch import run_batch
 
     rows = run_batch(folder, out, options=_flow_options(crown_model, species_model), force=force,
