@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         res = child(spec)
         Path(spec["result"]).write_text(json.dumps(res))
         return 0
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # absolute: the baseline's children run in their own tree
     work = out.parent / "inventory_runs"
     work.mkdir(parents=True, exist_ok=True)
     models = {"crown_model": args.crown_model} if args.crown_model else default_models(args.tiny, work)

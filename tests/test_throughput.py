@@ -178,3 +178,14 @@ def test_parallel_sessions_give_the_same_crowns(tmp_path, write_geotiff, disc_sc
     two = _crowns(plan)
     assert len(one) == len(two) == len(discs)
     assert one.geometry.geom_equals_exact(two.geometry, 1e-9).all()
+
+
+def test_batch_says_when_it_starts_a_temporary_prefect_server(monkeypatch):
+    from flows.settings import temporary_server_notice
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    notice = temporary_server_notice()
+    assert "temporary Prefect server" in notice and "prefect server start" in notice
+    assert "PREFECT_API_URL" in notice
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert temporary_server_notice() is None
