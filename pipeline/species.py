@@ -181,6 +181,9 @@ def classify_crowns(model: OnnxModel | None, ortho: Ortho, crowns_gdf: gpd.GeoDa
             r1 = max(int(w.row_off) for w in wins) + span_px
             b_win = Window(c0, r0, c1 - c0, r1 - r0)
             b_rgb, b_valid = ortho.read(b_win)
+            # pixel-interleaved in memory (still indexed [band, row, col]): a chip crop is then a copy of
+            # whole rows for PIL, not a gather of every byte (same pixels, ~1/8 of the species stage's CPU)
+            b_rgb = np.ascontiguousarray(b_rgb.transpose(1, 2, 0)).transpose(2, 0, 1)
             masks = chip_masks(ortho, [geoms[i] for i in members], wins, chip_px)
             for i, inside in zip(members, masks, strict=True):
                 chip = crown_chip(ortho, geoms[i], (float(cxy[i, 0]), float(cxy[i, 1])), chip_px, chip_gsd,
