@@ -188,6 +188,16 @@ def _shared_model(path: Path, threads: int | None, task: str, copy: int = 0) -> 
         return _MODELS[key]
 
 
+def drop_crown_sessions(plan: RunPlan) -> None:
+    """Forget the crown model's cached sessions once every group is segmented: each holds its memory arena
+    (~120 MB for a 512 px tile of crowns-r6), which would otherwise sit under the later stages' peak. A later
+    ``infer_group`` (resume) opens them again; sessions still in use elsewhere stay alive with their users."""
+    path = str(Path(plan.crown_model_path).resolve())
+    with _MODELS_LOCK:
+        for key in [k for k in _MODELS if k[0] == path and _MODELS[k].meta.task == CROWN_TASK]:
+            del _MODELS[key]
+
+
 _SOURCE_MEMO: dict[tuple, str] = {}
 
 
@@ -462,6 +472,7 @@ def group_stats(plan: RunPlan) -> dict[str, float]:
 def collect_crowns(plan: RunPlan, group_paths: list[Path]) -> gpd.GeoDataFrame:
     """All groups' crowns in one frame with ``tree_id`` (1..n, row-major by tile), ``crown_area_m2``,
     ``crown_diameter_m`` (2·sqrt(A/π)), centroid ``x``/``y`` (working CRS) and ``lon``/``lat`` (WGS84)."""
+    drop_crown_sessions(plan)  # every group is done: the crown model's arenas go before the next peaks
     frames = [pyogrio.read_dataframe(p, layer="crowns") for p in group_paths]
     frames = [f for f in frames if len(f)]
     crowns = pd.concat(frames, ignore_index=True) if frames else _empty_crowns(plan.crs)

@@ -154,11 +154,12 @@ def test_tiles_without_canopy_skip_the_model_with_the_same_crowns(tmp_path, writ
                                                                    models, monkeypatch):
     ortho, chm = _height_scene(tmp_path, write_geotiff, disc_scene)
     plan = inventory.validate(config(ortho, tmp_path / "a", models, chm=chm))
-    calls = plan.crown_model().calls
+    model = plan.crown_model()
+    calls = model.calls
     fast = _crowns(plan)
     stats = inventory.group_stats(plan)
     assert stats["n_no_canopy"] > 0 and stats["n_skipped"] == stats["n_no_canopy"]
-    assert plan.crown_model().calls - calls == len(plan.tiles) - stats["n_no_canopy"]
+    assert model.calls - calls == len(plan.tiles) - stats["n_no_canopy"]
     assert stats["valid_area_m2"] == pytest.approx(400 * 400 * GSD ** 2)  # skipped tiles' area counts
     monkeypatch.setattr(inventory, "no_canopy", lambda *a: False)
     slow = _crowns(inventory.validate(config(ortho, tmp_path / "b", models, chm=chm)))
