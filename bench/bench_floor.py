@@ -11,7 +11,9 @@ Run in a fresh process by ``bench.bench_inventory`` (one per scene), or by hand:
   uses (``pipeline.segment.session_plan``: N single-thread sessions on N tiles at a time, or one session with
   every core), scaled to the scene's tile count; also 1 session x all cores for comparison;
 - ``floor_s`` = decode_s + model_s (the two compete for the same cores), and the hectares per minute it
-  allows. Everything else the engine does (crown extraction, species, heights, carbon, writing) comes on top.
+  allows. Everything else the engine does (crown extraction, species, heights, carbon, writing) comes on top;
+- ``model_cpu_floor_s``: the model's CPU seconds per tile x tiles / cores: what the model alone needs on an
+  otherwise idle machine (CPU time does not grow with other processes' load, wall time does).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +42,16 @@ def _decode_all(path: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def _model_time(model_path: Path, tiles: list[np.ndarray], sessions: int, threads: int) -> float:
-    """Seconds per tile over ``tiles`` with ``sessions`` sessions of ``threads`` threads, one tile each."""
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _model_time(model_path: Path, tiles: list[np.ndarray], sessions: int,
+                threads: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) per tile over ``tiles`` with ``sessions`` sessions of ``threads`` threads,
+    one tile each. CPU seconds do not depend on the machine's load: ``cores / cpu`` tiles a second is the
+    most this machine can do with the model alone."""
     from pipeline.onnx_model import OnnxModel
 
     models = [OnnxModel(model_path, threads=threads) for _ in range(sessions)]
@@ -52,10 +63,10 @@ def _model_time(model_path: Path, tiles: list[np.ndarray], sessions: int, thread
         for t in chunks[k]:
             models[k].run(t[None])
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     with ThreadPoolExecutor(max_workers=sessions) as pool:
         list(pool.map(run, range(sessions)))
-    return (time.perf_counter() - t0) / len(tiles)
+    return (time.perf_counter() - t0) / len(tiles), (_cpu_s() - c0) / len(tiles)
 
 
 def floor(ortho_path: str, model_path: str, sample_tiles: int = 24) -> dict:
@@ -80,14 +91,21 @@ def floor(ortho_path: str, model_path: str, sample_tiles: int = 24) -> dict:
         area_ha = ortho.valid_area_m2() / 1e4
     cores = os.cpu_count() or 1
     n_sess, threads = session_plan(model_path.stat().st_size, None, cores)
-    per_tile = {"engine": _model_time(model_path, sample, n_sess, threads),
-                "one_session_all_cores": _model_time(model_path, sample, 1, cores)}
+    timed = {"engine": _model_time(model_path, sample, n_sess, threads),
+             "one_session_all_cores": _model_time(model_path, sample, 1, cores)}
+    per_tile = {k: v[0] for k, v in timed.items()}
+    cpu_per_tile = {k: v[1] for k, v in timed.items()}
     model_s = per_tile["engine"] * len(tiles)
     floor_s = decode_s + model_s
+    # without any other load: the model's CPU seconds spread over every core
+    unloaded_model_s = cpu_per_tile["engine"] * len(tiles) / cores
     return {"ortho": ortho_path, "model": str(model_path), "n_tiles": len(tiles), "n_blocks": n_blocks,
             "area_ha": area_ha, "decode_s": decode_s, "tile_read_s": tile_read_s,
             "sessions": n_sess, "threads_per_session": threads, "cores": cores,
             "model_ms_per_tile": {k: 1000 * v for k, v in per_tile.items()},
+            "model_cpu_ms_per_tile": {k: 1000 * v for k, v in cpu_per_tile.items()},
+            "model_cpu_floor_s": unloaded_model_s,
+            "model_cpu_floor_ha_per_min": area_ha / (unloaded_model_s / 60.0),
             "model_s": model_s, "floor_s": floor_s, "floor_ha_per_min": area_ha / (floor_s / 60.0),
             "model_only_ha_per_min": area_ha / (model_s / 60.0), "load_avg": list(os.getloadavg())}
 
