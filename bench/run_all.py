@@ -191,8 +191,9 @@ def render_inventory(res: dict, cmd: str) -> list[str]:
                   "decoding the mosaic once, and the crown model alone over the scene's tiles with the "
                   "engine's sessions (a sample of real tiles, scaled to the tile count):", "",
                   "| area | tiles | decode s | engine tile reads s | model ms/tile (engine sessions) | "
-                  "model ms/tile (1 session, all cores) | model s | **floor s** | floor ha/min |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "model ms/tile (1 session, all cores) | model s | **floor s** | floor ha/min | model CPU "
+                  "ms/tile | model alone on an idle machine: s / ha/min |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in sizes:
             f = s.get("floor")
             if not f:
@@ -203,7 +204,8 @@ def render_inventory(res: dict, cmd: str) -> list[str]:
                 f"{_f(f['tile_read_s'])} | "
                 f"{_f(ms['engine'])} ({f['sessions']} × {f['threads_per_session']} thread) | "
                 f"{_f(ms['one_session_all_cores'])} | {_f(f['model_s'])} | **{_f(f['floor_s'])}** | "
-                f"{_f(f['floor_ha_per_min'])} |")
+                f"{_f(f['floor_ha_per_min'])} | {_f(f.get('model_cpu_ms_per_tile', {}).get('engine'))} | "
+                f"{_f(f.get('model_cpu_floor_s'))} / {_f(f.get('model_cpu_floor_ha_per_min'))} |")
     lines += ["", "| target | measured | |", "|---|---|---|",
               f"| ≥ {tg['ha_per_min']:g} ha/min (slowest size) | {_f(chk['ha_per_min_min'])} ha/min | "
               f"{_ok(chk.get('ha_per_min_ok'))} |",
