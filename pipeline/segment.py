@@ -101,7 +101,7 @@ def session_plan(model_bytes: int, threads: int | None, cores: int | None = None
 
 
 def predict_tiles(model: OnnxModel | Sequence[OnnxModel], ortho: Ortho, tiles: Iterable[Tile],
-                  batch_size: int = 1, on_skip: Callable[[Tile, np.ndarray], None] | None = None,
+                  batch_size: int = 4, on_skip: Callable[[Tile, np.ndarray], None] | None = None,
                   tta: bool = False, prepare: Prepare | None = None
                   ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray, Any]]:
     """Yield ``(tile, probs [C, T, T] float32, valid [T, T] bool, aux)`` per tile that reaches the model, in
