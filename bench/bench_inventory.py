@@ -205,7 +205,12 @@ def bench(areas_km2: list[float], runs: int, large_runs: int, models: dict, thre
     """Per area: the floor (decode + model alone), then ``runs`` runs of this code alternating with runs of
     the ``baseline`` commit's code (same scene, models and process setup; order flipped every run)."""
     sizes = {}
-    base_tree = baseline_tree(baseline) if baseline else None
+    base_tree = None
+    if baseline:
+        try:
+            base_tree = baseline_tree(baseline)
+        except (OSError, subprocess.CalledProcessError) as exc:  # no git, or the commit is not here
+            print(f"baseline {baseline}: not available ({exc}); timing this code only", flush=True)
     for area in areas_km2:
         scene, gen_s = ensure_scene(area)
         n = large_runs if area >= 4.0 else runs
