@@ -35,11 +35,19 @@ def imported_modules(path: Path) -> list[tuple[str, int]]:
     return found
 
 
+GENERATED = ("bench/out", "bench/data")  # git-ignored outputs (e.g. a baseline's source tree) are not code
+
+
+def _sources(root: Path, package: str) -> list[Path]:
+    skip = [root / g for g in GENERATED]
+    return [p for p in sorted((root / package).rglob("*.py")) if not any(s in p.parents for s in skip)]
+
+
 def package_edges(root: Path = ROOT) -> Counter:
     """(importer package, imported package) -> number of import statements, for the floors and torch."""
     edges: Counter = Counter()
     for package in FLOORS:
-        for path in sorted((root / package).rglob("*.py")):
+        for path in _sources(root, package):
             for name, _ in imported_modules(path):
                 top = name.split(".")[0]
                 target = "torch" if top in TORCH else top
@@ -54,7 +62,7 @@ def violations(root: Path = ROOT) -> list[str]:
     rank = {p: i for i, p in enumerate(FLOORS)}
     bad = []
     for package in FLOORS:
-        for path in sorted((root / package).rglob("*.py")):
+        for path in _sources(root, package):
             for name, line in imported_modules(path):
                 top = name.split(".")[0]
                 where = f"{path.relative_to(root)}:{line}"

@@ -576,9 +576,11 @@ def batch_command(
     """
     chosen = _logging(verbose, quiet, log_file, debug)
     options = _flow_options(config, flags, out)
-    from flows.settings import configure
+    from flows.settings import configure, temporary_server_notice
 
     configure(out)
+    if (notice := temporary_server_notice()) is not None:
+        log.warning("batch: %s", notice)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table

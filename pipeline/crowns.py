@@ -90,10 +90,28 @@ def _markers_from_interior(interior: np.ndarray, distance: np.ndarray, min_dista
     seeded[blobs[tuple(peaks.T)]] = True
     unseeded = np.flatnonzero(~seeded[1:]) + 1
     if unseeded.size:
-        centres = ndi.maximum_position(distance, blobs, unseeded)
-        for k, (r, c) in enumerate(centres):
-            markers[int(r), int(c)] = len(peaks) + 1 + k
+        rows, cols = np.divmod(label_argmax(distance, blobs, unseeded), interior.shape[1])
+        markers[rows, cols] = np.arange(len(peaks) + 1, len(peaks) + 1 + unseeded.size, dtype=np.int32)
     return markers
+
+
+def label_argmax(values: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Flat (raster-order) position of the maximum of ``values`` within each label of ``index`` (the first
+    such pixel in raster order on ties; every label in ``index`` must occur in ``labels``).
+
+    Same maxima as ``scipy.ndimage.maximum_position`` without its sort of the whole image: only the
+    pixels of the requested labels are visited, with unbuffered ``np.maximum.at``/``np.minimum.at``."""
+    flat_labels = labels.ravel()
+    wanted = np.zeros(int(flat_labels.max()) + 1, dtype=bool)
+    wanted[index] = True
+    pos = np.flatnonzero(wanted[flat_labels])
+    lab, val = flat_labels[pos], values.ravel()[pos]
+    best = np.full(wanted.size, -np.inf)
+    np.maximum.at(best, lab, val)
+    hit = val == best[lab]
+    first = np.full(wanted.size, values.size, dtype=np.int64)
+    np.minimum.at(first, lab[hit], pos[hit])
+    return first[index]
 
 
 def _markers_from_chm(chm: np.ndarray, fg: np.ndarray, min_distance_px: int, min_height_m: float,
@@ -106,6 +124,19 @@ def _markers_from_chm(chm: np.ndarray, fg: np.ndarray, min_distance_px: int, min
     markers = np.zeros(fg.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     return markers
+
+
+def no_canopy(chm: np.ndarray, valid: np.ndarray, min_height_m: float) -> bool:
+    """True when a tile's heights prove it holds no crown, so the crown model need not run on it.
+
+    ``chm`` [h, w] heights in m on the tile grid (NaN = none), ``valid`` bool [h, w]. Exact for
+    :func:`label_crowns`: with heights on every valid pixel it seeds from CHM maxima above ``min_height_m``
+    (``chm_min_height_m``), and the smoothed CHM never exceeds the tile's highest height (a Gaussian is a
+    weighted mean), so a tile whose every height is below the threshold gets no seed and no crown."""
+    if not valid.any() or not np.isfinite(chm[valid]).all():
+        return False
+    finite = np.isfinite(chm)
+    return not finite.any() or float(chm[finite].max()) < min_height_m
 
 
 def label_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_area_m2: float = 1.0,

@@ -33,7 +33,14 @@ from pipeline import aggregate
 from pipeline.aggregate import group_table, raster_grid, read_plots, with_group_totals
 from pipeline.atomic import atomic_path
 from pipeline.crown_store import StoredCrowns, crown_source
-from pipeline.crowns import extract_crowns, keep_in_core, postprocess_kwargs, resolve_seam_overlaps
+from pipeline.crowns import (
+    DEFAULTS,
+    extract_crowns,
+    keep_in_core,
+    no_canopy,
+    postprocess_kwargs,
+    resolve_seam_overlaps,
+)
 from pipeline.errors import InputError
 from pipeline.memory import compact_labels, release_free_heap
 from pipeline.onnx_model import CROWN_TASK, SPECIES_TASK, ModelMeta, OnnxModel
@@ -167,6 +174,16 @@ class RunPlan:
     def crown_model(self) -> OnnxModel:
         return _shared_model(self.crown_model_path, self.config.threads, CROWN_TASK)
 
+    def crown_sessions(self) -> list[OnnxModel]:
+        """The crown model as ``pipeline.segment.session_plan`` picks it: one session with every core, or
+        one single-thread session per core for a small model (tiles spread over them)."""
+        from pipeline.segment import session_plan
+
+        n, threads = session_plan(self.crown_model_path.stat().st_size, self.config.threads)
+        if n == 1 and threads == (self.config.threads or (os.cpu_count() or 1)):
+            return [self.crown_model()]
+        return [_shared_model(self.crown_model_path, threads, CROWN_TASK, copy=k) for k in range(n)]
+
     def species_model(self) -> OnnxModel | None:
         if self.species_model_path is None:
             return None
@@ -188,17 +205,28 @@ class RunPlan:
                 ortho.close()
 
 
-_MODELS: dict[tuple[str, int | None], OnnxModel] = {}
+_MODELS: dict[tuple[str, int | None, int], OnnxModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _shared_model(path: Path, threads: int | None, task: str) -> OnnxModel:
-    """One session per (model, threads) per process; ``OnnxModel.run`` is thread-safe."""
-    key = (str(Path(path).resolve()), threads)
+def _shared_model(path: Path, threads: int | None, task: str, copy: int = 0) -> OnnxModel:
+    """One session per (model, threads, copy) per process; ``OnnxModel.run`` is thread-safe. ``copy`` k > 0
+    is a further session of the same model (parallel sessions on different tiles)."""
+    key = (str(Path(path).resolve()), threads, copy)
     with _MODELS_LOCK:
         if key not in _MODELS:
             _MODELS[key] = OnnxModel(path, threads=threads, expected_task=task)
         return _MODELS[key]
+
+
+def drop_crown_sessions(plan: RunPlan) -> None:
+    """Forget the crown model's cached sessions once every group is segmented: each holds its memory arena
+    (~120 MB for a 512 px tile of crowns-r6), which would otherwise sit under the later stages' peak. A later
+    ``infer_group`` (resume) opens them again; sessions still in use elsewhere stay alive with their users."""
+    path = str(Path(plan.crown_model_path).resolve())
+    with _MODELS_LOCK:
+        for key in [k for k in _MODELS if k[0] == path and _MODELS[k].meta.task == CROWN_TASK]:
+            del _MODELS[key]
 
 
 _SOURCE_MEMO: dict[tuple, str] = {}
@@ -464,22 +492,36 @@ def infer_group(plan: RunPlan, group_index: int, progress: Progress | None = Non
         if progress:
             progress("tiles", len(tiles), total)
         return path
-    ortho, model = plan.ortho(), plan.crown_model()
+    ortho, sessions = plan.ortho(), plan.crown_sessions()
     rows: list[dict] = []
-    stats = {"n_tiles": len(tiles), "n_skipped": 0, "valid_px": 0}
-    handles: dict = {}
+    stats = {"n_tiles": len(tiles), "n_skipped": 0, "n_no_canopy": 0, "valid_px": 0}
+    handles: dict = {}  # height rasters, used by the reader thread only
+    min_height_m = plan.postprocess.get("chm_min_height_m", DEFAULTS["chm_min_height_m"])
 
-    def skipped(tile: Tile) -> None:
+    def core_valid_px(tile: Tile, valid: np.ndarray) -> int:
+        r0, r1, c0, c1 = tile.core_in_tile()
+        return int(valid[r0:r1, c0:c1].sum())
+
+    skipped_px = [0]  # the reader thread's own counters (stats["valid_px"] is the caller's): no lost update
+
+    def skipped(tile: Tile, valid: np.ndarray) -> None:
         stats["n_skipped"] += 1
+        skipped_px[0] += core_valid_px(tile, valid)
         if progress:
             progress("tiles", 1, total)
 
+    def prepare(tile: Tile, valid: np.ndarray) -> tuple[bool, np.ndarray | None]:
+        """Reader thread: the tile's heights, and the early exit when they show no canopy."""
+        chm = _heights_for_tile(plan, ortho, tile, handles)
+        bare = chm is not None and no_canopy(chm, valid, min_height_m)
+        stats["n_no_canopy"] += int(bare)
+        return bare, chm
+
     try:
-        for tile, probs, valid in predict_tiles(model, ortho, tiles, plan.config.batch_size, on_skip=skipped,
-                                                tta=plan.config.tta):
+        for tile, probs, valid, chm in predict_tiles(sessions, ortho, tiles, plan.config.batch_size,
+                                                     on_skip=skipped, tta=plan.config.tta, prepare=prepare):
             r0, r1, c0, c1 = tile.core_in_tile()
-            stats["valid_px"] += int(valid[r0:r1, c0:c1].sum())
-            chm = _heights_for_tile(plan, ortho, tile, handles)
+            stats["valid_px"] += core_valid_px(tile, valid)
             cands = extract_crowns(probs, valid, ortho.window_transform(tile.window), chm=chm,
                                    core=(r0, r1, c0, c1), **plan.postprocess)
             for cand in keep_in_core(cands, tile, ortho.transform):
@@ -491,6 +533,7 @@ def infer_group(plan: RunPlan, group_index: int, progress: Progress | None = Non
     finally:
         for h in handles.values():
             h.close()
+    stats["valid_px"] += skipped_px[0]
     gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=plan.crs) if rows else _empty_crowns(plan.crs)
     stats["valid_area_m2"] = stats["valid_px"] * plan.gsd_m ** 2
     with atomic_path(stats_path) as tmp:
@@ -504,7 +547,7 @@ def infer_group(plan: RunPlan, group_index: int, progress: Progress | None = Non
 
 def group_stats(plan: RunPlan) -> dict[str, float]:
     """Totals over the persisted groups: tiles, skipped tiles, valid (unmasked) area in m²."""
-    out = {"n_tiles": 0, "n_skipped": 0, "valid_area_m2": 0.0}
+    out = {"n_tiles": 0, "n_skipped": 0, "n_no_canopy": 0, "valid_area_m2": 0.0}
     for gi in range(len(plan.groups)):
         p = plan.group_path(gi).with_suffix(".json")
         if p.exists():
@@ -517,6 +560,7 @@ def group_stats(plan: RunPlan) -> dict[str, float]:
 def collect_crowns(plan: RunPlan, group_paths: list[Path]) -> gpd.GeoDataFrame:
     """All groups' crowns in one frame with ``tree_id`` (1..n, row-major by tile), ``crown_area_m2``,
     ``crown_diameter_m`` (2·sqrt(A/π)), centroid ``x``/``y`` (working CRS) and ``lon``/``lat`` (WGS84)."""
+    drop_crown_sessions(plan)  # every group is done: the crown model's arenas go before the next peaks
     frames = [pyogrio.read_dataframe(p, layer="crowns") for p in group_paths]
     frames = [f for f in frames if len(f)]
     crowns = pd.concat(frames, ignore_index=True) if frames else _empty_crowns(plan.crs)

@@ -4,16 +4,20 @@ What the model sees: the tile's pixels, with the part beyond the image edge mirr
 masked pixels (nodata, alpha 0) given the nearest valid colour, so no artificial black borders create edge
 crowns; those pixels stay invalid for crown extraction.
 
-Tile reads run one batch ahead of inference in a background thread, and inference one batch ahead of the
-caller's post-processing (I/O, ONNX compute and crown extraction overlap); every tile is read by the one
-reader thread only, so no GDAL handle is used by two threads at once.
+Tile reads run one batch ahead of inference in a background thread, and inference ahead of the caller's
+post-processing (I/O, ONNX compute and crown extraction overlap); every tile is read by the one reader
+thread only, so no GDAL handle is used by two threads at once. A small model runs as one single-thread ONNX
+session per core, tiles spread over them (:func:`session_plan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import os
+import queue
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -23,7 +27,9 @@ from pipeline.raster import Ortho
 from pipeline.tiling import Tile
 from pipeline.tta import predict_with_tta
 
-Batch = list[tuple[Tile, np.ndarray, np.ndarray]]
+Batch = list[tuple[Tile, np.ndarray, np.ndarray, Any]]  # (tile, model input, valid, aux)
+MAX_SESSIONS = 2  # parallel crown-model sessions at most (each holds one tile's activations)
+PARALLEL_SESSION_MAX_BYTES = 64 << 20  # models up to this file size run as one 1-thread session per core
 
 
 def mirror_outside(rgb: np.ndarray, tile: Tile, width: int, height: int) -> np.ndarray:
@@ -53,17 +59,24 @@ def fill_masked(rgb: np.ndarray, valid: np.ndarray, tile: Tile, width: int, heig
     return out
 
 
+Prepare = Callable[[Tile, np.ndarray], tuple[bool, Any]]
+
+
 def _read_batches(ortho: Ortho, tiles: list[Tile], batch_size: int,
-                  on_skip: Callable[[Tile], None] | None) -> Iterator[Batch]:
+                  on_skip: Callable[[Tile, np.ndarray], None] | None,
+                  prepare: Prepare | None) -> Iterator[Batch]:
     batch: Batch = []
     for tile in tiles:
         rgb, valid = ortho.read(tile.window)
-        if not valid.any():
+        skip, aux = (not valid.any(), None)
+        if not skip and prepare is not None:
+            skip, aux = prepare(tile, valid)
+        if skip:
             if on_skip is not None:
-                on_skip(tile)
+                on_skip(tile, valid)
             continue
         batch.append((tile, fill_masked(mirror_outside(rgb, tile, ortho.width, ortho.height), valid, tile,
-                                        ortho.width, ortho.height), valid))
+                                        ortho.width, ortho.height), valid, aux))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -71,35 +84,71 @@ def _read_batches(ortho: Ortho, tiles: list[Tile], batch_size: int,
         yield batch
 
 
-def predict_tiles(model: OnnxModel, ortho: Ortho, tiles: Iterable[Tile], batch_size: int = 4,
-                  on_skip: Callable[[Tile], None] | None = None, tta: bool = False
-                  ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
-    """Yield ``(tile, probs [C, T, T] float32, valid [T, T] bool)`` per tile with any valid pixel.
+def session_plan(model_bytes: int, threads: int | None, cores: int | None = None) -> tuple[int, int]:
+    """(ONNX sessions, intra-op threads each) for the crown model.
 
-    ``on_skip(tile)`` is called for every fully masked tile (they are not yielded and never run).
+    ``threads`` given: one session with that many threads (the user's choice). Otherwise a model of at most
+    ``PARALLEL_SESSION_MAX_BYTES`` runs as one single-thread session per core (at most ``MAX_SESSIONS``),
+    tiles spread over them: a small network gains little from a second intra-op thread (SbF-85 of r4: +10 %,
+    crowns-r6: 133 -> 82 ms a tile) while two sessions on two tiles use both cores fully. A larger model runs
+    as one session with every core (its activations are large: ~120 MB a 512 px tile, RSS budget)."""
+    cores = max(1, int(cores or os.cpu_count() or 1))
+    if threads:
+        return 1, int(threads)
+    if model_bytes <= PARALLEL_SESSION_MAX_BYTES and cores > 1:
+        return min(cores, MAX_SESSIONS), 1
+    return 1, cores
+
+
+def predict_tiles(model: OnnxModel | Sequence[OnnxModel], ortho: Ortho, tiles: Iterable[Tile],
+                  batch_size: int = 4, on_skip: Callable[[Tile, np.ndarray], None] | None = None,
+                  tta: bool = False, prepare: Prepare | None = None
+                  ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray, Any]]:
+    """Yield ``(tile, probs [C, T, T] float32, valid [T, T] bool, aux)`` per tile that reaches the model, in
+    tile order.
+
+    ``model``: one session, or several sessions of the same model (tiles spread over them, one batch per
+    session at a time, see :func:`session_plan`). ``prepare(tile, valid) -> (skip, aux)`` runs in the reader
+    thread before the model: ``skip`` True leaves the tile out (an early exit, e.g. no canopy), ``aux`` is
+    passed through (e.g. the tile's CHM). ``on_skip(tile, valid)`` is called for every tile left out (fully
+    masked, or skipped by ``prepare``); they are not yielded and never run.
     ``tta`` averages the model over four flipped/rotated views of each tile (:mod:`pipeline.tta`)."""
     tiles = list(tiles)
-    size = model.meta.tile_size
+    models = list(model) if isinstance(model, Sequence) else [model]
+    size = models[0].meta.tile_size
     if tiles and (int(tiles[0].window.width) != size or int(tiles[0].window.height) != size):
         raise ValueError(f"tiles are {tiles[0].window.width} px but the model takes {size} px")
-    reader = _read_batches(ortho, tiles, max(1, int(batch_size)), on_skip)
-    infer = partial(predict_with_tta, model.run) if tta else model.run
-    # three stages overlap: the reader thread reads batch k+1, ONNX Runtime (which releases the GIL) runs
-    # batch k in the model thread, and the caller post-processes batch k-1
+    reader = _read_batches(ortho, tiles, max(1, int(batch_size)), on_skip, prepare)
+    free: queue.SimpleQueue[OnnxModel] = queue.SimpleQueue()
+    for m in models:
+        free.put(m)
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        session = free.get()
+        try:
+            return predict_with_tta(session.run, batch) if tta else session.run(batch)
+        finally:
+            free.put(session)
+
+    # the reader thread reads batch k+1, ONNX Runtime (which releases the GIL) runs up to one batch per
+    # session in the model threads, and the caller post-processes the oldest finished batch meanwhile
+    in_flight = len(models) + 1
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reads, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-model") as runs:
+            ThreadPoolExecutor(max_workers=len(models), thread_name_prefix="tile-model") as runs:
         next_batch = reads.submit(next, reader, None)
-        previous: tuple[Batch, Future] | None = None
+        pending: deque[tuple[Batch, Future]] = deque()
+        exhausted = False
         while True:
-            batch = next_batch.result()
-            current = None
-            if batch is not None:
+            while not exhausted and len(pending) < in_flight:
+                batch = next_batch.result()
+                if batch is None:
+                    exhausted = True
+                    break
                 next_batch = reads.submit(next, reader, None)
-                current = (batch, runs.submit(infer, np.stack([rgb for _, rgb, _ in batch])))
-            if previous is not None:
-                done, probs = previous[0], previous[1].result()
-                for (tile, _, valid), p in zip(done, probs, strict=True):
-                    yield tile, p, valid
-            if current is None:
+                pending.append((batch, runs.submit(infer, np.stack([rgb for _, rgb, _, _ in batch]))))
+            if not pending:
                 break
-            previous = current
+            done, future = pending.popleft()
+            probs = future.result()
+            for (tile, _, valid, aux), p in zip(done, probs, strict=True):
+                yield tile, p, valid, aux

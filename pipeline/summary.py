@@ -199,7 +199,8 @@ def build_summary(plan: RunPlan, stats: dict[str, float], result: Any, n_trees: 
         "bands": list(plan.config.bands),
         "resampled_or_reprojected": bool(plan.warped),
         "n_tiles": int(stats["n_tiles"]),
-        "n_tiles_skipped": int(stats["n_skipped"]),
+        "n_tiles_skipped": int(stats["n_skipped"]),  # fully masked, or no canopy by the heights
+        "n_tiles_no_canopy": int(stats.get("n_no_canopy", 0)),
         "height_inputs": {k: str(v) for k, v in (("chm", plan.config.chm), ("dsm", plan.config.dsm),
                                                  ("dtm", plan.config.dtm)) if v is not None},
         "input_gsd_m": plan.input_gsd_m,
