@@ -348,3 +348,246 @@ def adapt(
         f" ({int(val_after.get('real_n_truth', 0))} crowns), thresholds {post}")
     return {"net": net, "postprocess": post, "postprocess_source": post_source, "validation_before": val_before, "validation_after": val_after,
             "train": {**train, "config": asdict(cfg), "n_user_tiles": len(user), "n_replay": len(replay)}}
+
+
+# ------------------------------------------------------------------------------------------ user files
+
+
+def annotated_scenes(
+    annotations: str | Path, tiles: str | Path, ortho_path: str | Path, gsd_m: float, cfg: FinetuneConfig,
+    interior_ratio: float = 0.7,
+) -> tuple[list[Scene], list[int]]:
+    """The user's annotated tiles as scenes (held-out blocks seeded per tile) and their tile ids.
+
+    ``annotations``: polygons (crowns or boxes) drawn in QGIS, layer ``annotations`` (or the only layer);
+    ``tiles``: ``suggested_tiles.gpkg`` of ``suggest``. A tile counts as annotated when the centroid of at
+    least one annotation lies in it (every crown of such a tile must be drawn); each annotation becomes its
+    bounding box in the tile's pixels (the training target of the shipped model: ellipses in boxes)."""
+    import geopandas as gpd
+    import pyogrio
+
+    from pipeline.raster import open_ortho
+
+    for path, what in ((annotations, "--annotations"), (tiles, "--tiles"), (ortho_path, "--ortho")):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: not found; pass {what} (written by forest-inventory suggest)")
+    try:
+        layers = [name for name, _ in pyogrio.list_layers(annotations)]
+        ann = gpd.read_file(annotations, layer="annotations" if "annotations" in layers else layers[0])
+        tl = gpd.read_file(tiles, layer="tiles")
+    except Exception as exc:  # noqa: BLE001 - GDAL raises several types for unreadable files
+        raise InputError(f"{annotations}: cannot read the annotations or {tiles} ({type(exc).__name__}); "
+                         "pass the GeoPackages written by forest-inventory suggest") from None
+    if "tile_id" not in tl.columns:
+        raise InputError(f"{tiles}: no tile_id column; pass the suggested_tiles.gpkg of forest-inventory suggest")
+    ann = ann[ann.geometry.notna() & ~ann.geometry.is_empty]
+    if ann.empty:
+        raise InputError(f"{annotations}: no crown drawn yet; draw every crown of a few suggested tiles in QGIS")
+    if ann.crs is not None and tl.crs is not None and ann.crs != tl.crs:
+        ann = ann.to_crs(tl.crs)
+    cent = ann.geometry.centroid
+    scenes, ids = [], []
+    with open_ortho(ortho_path, target_gsd_m=gsd_m) as ortho:
+        inv = ~ortho.transform
+        for _, t in tl.sort_values("rank").iterrows():
+            inside = ann[cent.within(t.geometry)]
+            if inside.empty:
+                continue
+            from rasterio.windows import Window
+
+            x0, _, _, y1 = t.geometry.bounds
+            c0, r0 = inv * (x0, y1)
+            size = int(round((t.geometry.bounds[2] - x0) / abs(ortho.transform.a)))
+            window = Window(int(round(c0)), int(round(r0)), size, size)
+            rgb, valid = ortho.read(window)
+            tinv = ~ortho.window_transform(window)
+            rows = []
+            for geom in inside.geometry:
+                gx0, gy0, gx1, gy1 = geom.bounds
+                (a0, b0), (a1, b1) = tinv * (gx0, gy1), tinv * (gx1, gy0)
+                rows.append((min(a0, a1), min(b0, b1), max(a0, a1), max(b0, b1)))
+            boxes = pd.DataFrame(rows, columns=["xmin", "ymin", "xmax", "ymax"]).clip(0, size)
+            boxes = boxes[(boxes.xmax - boxes.xmin >= 2) & (boxes.ymax - boxes.ymin >= 2)]
+            split = block_split(size, size, cfg.val_block_px, cfg.val_fraction, cfg.seed * 1000 + int(t.tile_id))
+            scenes.append(user_scene(f"tile_{int(t.tile_id):05d}", rgb, valid, boxes.reset_index(drop=True),
+                                     split, interior_ratio))
+            ids.append(int(t.tile_id))
+    if not scenes:
+        raise InputError(f"{annotations}: no annotation lies inside a suggested tile of {tiles}; draw crowns "
+                         "inside the tiles suggest wrote")
+    return scenes, ids
+
+
+def heldout_crown_areas(cases: list[ValCase], post: dict[str, float], gsd_m: float
+                        ) -> tuple[list[float], list[float]]:
+    """(reference m², detected m²) per case on its held-out pixels: ellipses inscribed in the reference
+    boxes, and the areas of the detected crowns whose centroid is held out."""
+    from affine import Affine
+
+    from pipeline.crowns import extract_crowns
+
+    tr = Affine(gsd_m, 0, 0, 0, gsd_m, 0)
+    ref, det = [], []
+    for c in cases:
+        p = dict(post)
+        min_area = p.pop("min_area_m2", 1.0)
+        cands = extract_crowns(c.probs, c.valid, tr, min_area, **p)
+        det.append(float(sum(k.polygon.area for k in cands
+                             if c.keep(k.centroid_xy[0] / gsd_m, k.centroid_xy[1] / gsd_m))))
+        ref.append(float(sum(np.pi / 4 * (g.bounds[2] - g.bounds[0]) * (g.bounds[3] - g.bounds[1])
+                             for g in c.truth)) * gsd_m**2)
+    return ref, det
+
+
+def detection_calibration_of(cases: list[ValCase], post: dict[str, float], gsd_m: float, source: str
+                             ) -> dict[str, Any] | None:
+    """The ``detection_calibration`` metadata from held-out user tiles, or None with fewer than 2 tiles
+    holding reference crowns (or no detection at all)."""
+    from pipeline.carbon.detection import calibrate_detection_error
+
+    ref, det = heldout_crown_areas(cases, post, gsd_m)
+    pairs = [(r, d) for r, d in zip(ref, det, strict=True) if r > 0]
+    if len(pairs) < 2 or sum(d for _, d in pairs) <= 0:
+        return None
+    cal = calibrate_detection_error([r for r, _ in pairs], [d for _, d in pairs], quantity="crown_area")
+    cal["source"] = source
+    return cal
+
+
+def finetune_from_annotations(
+    annotations: str | Path,
+    ortho_path: str | Path,
+    out_dir: str | Path,
+    model: str | Path,
+    tiles: str | Path | None = None,
+    cfg: FinetuneConfig | None = None,
+    n_replay: int = 16,
+    compress_target: float = 0.0,
+    compress_steps: int = 100,
+    progress: Callable[[int, int, float], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The ``finetune`` command: adapt ``model`` (ONNX with its ``.pt`` beside it, or a ``last.pt``) to the
+    annotated tiles; writes ``OUT/crowns-finetuned.onnx`` (+ ``.pt`` weights, ``finetune.json``) and, with
+    ``compress_target`` > 0, ``OUT/crowns-finetuned-compressed.onnx`` (the compression recipe of
+    :func:`models.compression.crown_study.compress_crown_checkpoint`: SbF scores, channel removal,
+    distilled fine-tune from the adapted network on the same tiles)."""
+    from pipeline.atomic import atomic_path
+
+    cfg = cfg or FinetuneConfig()
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tiles = Path(tiles) if tiles else Path(annotations).parent / "suggested_tiles.gpkg"
+    net, base_cfg, base_post = load_base_model(model)
+    user, ids = annotated_scenes(annotations, tiles, ortho_path, base_cfg.gsd_m, cfg, base_cfg.interior_ratio)
+    replay = replay_scenes(base_cfg, n_replay, cfg.seed)
+    log(f"{len(user)} annotated tiles ({sum(len(s.boxes) for s in user)} crowns), {len(replay)} replay images"
+        + ("" if replay else " (the base model's training data is not on this machine: no replay)"))
+    res = adapt(net, base_cfg, base_post, user, replay, cfg, progress=progress, log=log)
+    cases = validation_cases(res["net"], user, base_cfg)
+    cal = detection_calibration_of(cases, res["postprocess"], base_cfg.gsd_m,
+                                   f"held-out blocks of {len(user)} annotated tiles ({Path(annotations).name})")
+    meta = _finetune_metadata(model, base_cfg, res, ids, annotations, ortho_path, cal)
+    from models.train_crowns import export_crown_model
+
+    onnx_path = out / "crowns-finetuned.onnx"
+    export_crown_model(res["net"], base_cfg, onnx_path, res["postprocess"], meta["validation_metrics"],
+                       meta["model_version"])
+    from models.export import copy_with_metadata
+
+    extra = {"training_data": meta["training_data"], "finetune": json.dumps(meta["finetune"])}
+    if cal is not None:
+        extra["detection_calibration"] = json.dumps(cal)
+    copy_with_metadata(onnx_path, onnx_path, extra)
+    save_state_dict(res["net"], onnx_path.with_suffix(".pt"))
+    record = {"onnx": str(onnx_path), **meta, "detection_calibration": cal}
+    if compress_target > 0:
+        record["compressed"] = compress_adapted(res["net"], base_cfg, user, replay, res["postprocess"],
+                                                onnx_path, compress_target, compress_steps, cfg, log)
+    with atomic_path(out / "finetune.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+    return record
+
+
+def _finetune_metadata(model, base_cfg, res, ids, annotations, ortho_path, cal) -> dict[str, Any]:
+    from models.export import read_metadata
+
+    base_version = (read_metadata(model).get("model_version", Path(model).stem)
+                    if str(model).endswith(".onnx") else Path(model).parent.name)
+    val = {**res["validation_after"], "scope": "held-out blocks of the annotated tiles",
+           "before_finetune_f1_iou0.4": res["validation_before"].get("real_f1_iou0.4"),
+           "postprocess_source": res["postprocess_source"]}
+    return {
+        "model_version": f"{base_version}+site-{Path(ortho_path).stem}",
+        "training_data": (f"fine-tuned from {base_version} on {len(ids)} annotated tiles {ids} of "
+                          f"{Path(ortho_path).name} ({Path(annotations).name}; {base_cfg.interior_ratio} ellipses "
+                          f"in the crowns' boxes) + {res['train']['n_replay']} replay images of the base "
+                          "model's training plots"),
+        "validation_metrics": val,
+        "finetune": {k: v for k, v in res["train"].items()},
+        "base_model": str(model),
+    }
+
+
+def compress_adapted(net: nn.Module, base_cfg: TrainCrownsConfig, user: list[Scene], replay: list[Scene],
+                     post: dict[str, float], dense_onnx: Path, target: float, steps: int,
+                     cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """SbF channel removal of the adapted network (``target`` share of MACs), a distilled fine-tune on the
+    same tiles + replay (``steps``), thresholds recalibrated on the held-out blocks; writes
+    ``<dense stem>-compressed.onnx`` with a ``compression`` record."""
+    from models.compression.compress import compress, export_compressed
+    from models.compression.cost import count_cost
+    from models.export import read_metadata
+
+    tile = base_cfg.tile_size
+    bcfg = copy.deepcopy(base_cfg)
+    bcfg.batch_size, bcfg.chip_px, bcfg.savanna_fraction, bcfg.synthetic_fraction = 4, 128, 0.0, 0.0
+    scenes = _mix_weights(user, replay, cfg.replay_fraction)
+    calib = [normalise(torch.cat([make_batch(10_000_000 + i, bcfg, scenes, [], None)[0] for i in range(2)]))]
+    res = compress(copy.deepcopy(net), "sbf", target, (3, 256, 256), calibration=calib, budget="macs",
+                   round_to=8, score_steps=50)
+    small = res.model
+    teacher = net.eval()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(bcfg.class_weights, dtype=torch.float32),
+                                  ignore_index=IGNORE)
+    opt = torch.optim.AdamW(small.parameters(), lr=cfg.lr, weight_decay=bcfg.weight_decay)
+    small.train()
+    fcfg = copy.deepcopy(cfg)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, fcfg)
+        x, y = make_batch(20_000_000 + step, bcfg, scenes, [], None)
+        xn = normalise(x)
+        logits = small(xn)
+        with torch.no_grad():
+            soft = torch.softmax(teacher(xn), 1)
+        kd = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+        loss = 0.5 * loss_fn(logits, y) + 0.5 * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    small.eval()
+    cases = validation_cases(small, user, base_cfg)
+    n_held = int(score_cases(cases, post, base_cfg.gsd_m).get("real_n_truth", 0))
+    if n_held >= MIN_CALIBRATION_CROWNS:
+        post_c, val = calibrate_thresholds(cases, base_cfg.gsd_m, post)
+    else:
+        post_c = dict(post)
+        val = {k: round(float(v), 4) for k, v in score_cases(cases, post_c, base_cfg.gsd_m).items()}
+    res.before, res.after = count_cost(net, (3, tile, tile)), count_cost(small, (3, tile, tile))
+    res.input_shape = (3, tile, tile)
+    res.details["finetune"] = {"steps": steps, "distill": 0.5, "data": "annotated tiles + replay",
+                               "postprocess_source": "held-out blocks" if n_held >= MIN_CALIBRATION_CROWNS
+                               else "the adapted dense model's"}
+    path = dense_onnx.with_name(dense_onnx.stem + "-compressed.onnx")
+    meta: dict[str, Any] = dict(read_metadata(dense_onnx))
+    meta.pop("compression", None)
+    meta["postprocess"] = post_c
+    meta["validation_metrics"] = {**val, "scope": "held-out blocks of the annotated tiles"}
+    meta["model_version"] = meta.get("model_version", "crowns") + f"+sbf{int(round(target * 100))}"
+    record = export_compressed(res, path, tile, metadata=meta)
+    log(f"compressed copy {path.name}: held-out F1@0.4 {val.get('real_f1_iou0.4', 0):.3f}, "
+        f"MACs {res.before.macs / 1e9:.2f} G -> {res.after.macs / 1e9:.2f} G")
+    return {"onnx": str(path), "heldout_f1_iou0.4": val.get("real_f1_iou0.4"), "postprocess": post_c,
+            "record": record}
