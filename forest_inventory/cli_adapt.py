@@ -13,6 +13,25 @@ import typer
 from pipeline.active_learning import EXPERTS
 
 
+class _LazyBar:
+    """A typer progress bar opened on the first update (bad input fails before anything is printed)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar, self.done = label, None, 0
+
+    def to(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = typer.progressbar(length=total, label=self.label)
+            self.bar.__enter__()
+        self.bar.length = total
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
 def suggest(
     ortho: Path = typer.Argument(..., help="Orthomosaic (GeoTIFF) of the site."),
     out: Path = typer.Option(..., "--out", help="Folder for suggested_tiles.gpkg, chips/, annotations.gpkg."),
@@ -44,13 +63,12 @@ def suggest(
             raise InputError(f"--weights {weights!r}: give {len(EXPERTS)} comma-separated numbers "
                              f"({', '.join(EXPERTS)})") from None
     model = crown_model or default_model_path("crowns-dense.onnx")
-    with typer.progressbar(length=1, label="scoring tiles") as bar:
-        def progress(i: int, total: int) -> None:
-            bar.length = total
-            bar.update(1)
-
+    bar = _LazyBar("scoring tiles")
+    try:
         rec = suggest_tiles(ortho, out, model, n=n, method=method, expert=expert, second_model=second_model,
-                            weights=w, seed=seed, threads=threads, progress=progress)
+                            weights=w, seed=seed, threads=threads, progress=lambda i, total: bar.to(i, total))
+    finally:
+        bar.close()
     typer.echo(f"{len(rec['suggested'])} of {rec['n_tiles_scored']} tiles suggested ({method}); "
                f"draw every crown of a tile in {out / 'annotations.gpkg'} (QGIS), then run "
                f"forest-inventory finetune --annotations {out / 'annotations.gpkg'} --ortho {ortho} --out DIR")
@@ -81,17 +99,14 @@ def finetune(
 
     cfg = FinetuneConfig(steps=steps, budget_s=budget_min * 60.0, threads=threads, seed=seed)
     base = model or default_model_path("crowns-dense.onnx")
-    with typer.progressbar(length=steps, label="fine-tuning") as bar:
-        state = {"done": 0}
-
-        def progress(step: int, total: int, loss: float) -> None:
-            bar.length = total
-            bar.update(step - state["done"])
-            state["done"] = step
-
+    bar = _LazyBar("fine-tuning")
+    try:
         rec = finetune_from_annotations(annotations, ortho, out, base, tiles=tiles, cfg=cfg, n_replay=replay,
                                         compress_target=compress_target, compress_steps=compress_steps,
-                                        progress=progress, log=lambda m: None)
+                                        progress=lambda step, total, loss: bar.to(step, total),
+                                        log=lambda m: None)
+    finally:
+        bar.close()
     val = rec["validation_metrics"]
     typer.echo(f"wrote {rec['onnx']}: held-out F1@0.4 {val.get('before_finetune_f1_iou0.4')} before, "
                f"{val.get('real_f1_iou0.4')} after ({int(val.get('real_n_truth', 0))} held-out crowns); "

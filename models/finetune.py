@@ -408,7 +408,8 @@ def annotated_scenes(
                 rows.append((min(a0, a1), min(b0, b1), max(a0, a1), max(b0, b1)))
             boxes = pd.DataFrame(rows, columns=["xmin", "ymin", "xmax", "ymax"]).clip(0, size)
             boxes = boxes[(boxes.xmax - boxes.xmin >= 2) & (boxes.ymax - boxes.ymin >= 2)]
-            split = block_split(size, size, cfg.val_block_px, cfg.val_fraction, cfg.seed * 1000 + int(t.tile_id))
+            block = min(cfg.val_block_px, max(8, size // 4))  # small tiles: at least 16 blocks
+            split = block_split(size, size, block, cfg.val_fraction, cfg.seed * 1000 + int(t.tile_id))
             scenes.append(user_scene(f"tile_{int(t.tile_id):05d}", rgb, valid, boxes.reset_index(drop=True),
                                      split, interior_ratio))
             ids.append(int(t.tile_id))
