@@ -50,7 +50,8 @@ def site_plots(site: str, shared: Path = SHARED) -> tuple[list, list]:
     if site == "OSBS":
         pool = [bs for bs in read_boxes(OSBS_EXTRA, shared) if bs.plot not in EXCLUDED]
         return pool, sets
-    return [bs for bs in sets if bs.plot in split["train"]], [bs for bs in sets if bs.plot in split["validation"]]
+    pool = [bs for bs in sets if bs.plot in split["train"]]
+    return pool, [bs for bs in sets if bs.plot in split["validation"]]
 
 
 def view_probs(net, rgb: np.ndarray) -> list[np.ndarray]:
@@ -138,7 +139,7 @@ def best_single_expert(val_scores: dict) -> tuple[int, list[float | None]]:
 
 
 def setup_site(site: str, start_root: Path, n_replay: int, log) -> dict[str, Any]:
-    """Load the starting model and the site's plots; score the pool; choose the plot orders of every method."""
+    """Load the starting model and the site's plots; score the pool and the start's validation plots."""
     from models.finetune import load_base_model, replay_scenes, scenes_from_boxes, test_scenes
     from pipeline.active_learning import tile_features
 
@@ -154,7 +155,8 @@ def setup_site(site: str, start_root: Path, n_replay: int, log) -> dict[str, Any
     pool = scenes_from_boxes(pool_sets, cfg.gsd_m, cfg.image_gsd_m, site=site)
     test = test_scenes(test_sets, cfg.gsd_m, site, cfg.image_gsd_m)
     log(f"{site}: {len({s.plot for s in pool})} pool plots ({len(pool)} images), "
-        f"{len({s.plot for s in test})} test plots ({len(test)} images), {len(replay_all)} start training images")
+        f"{len({s.plot for s in test})} test plots ({len(test)} images), "
+        f"{len(replay_all)} start training images")
     pool_scores = plot_scores(net, pool, post, cfg.gsd_m, reference)
     # the start model's own validation plots (other sites): choose the best single expert there
     from models.datasets.boxes import read_boxes
@@ -211,10 +213,12 @@ def run_one(ctx: dict, plots: list[str], steps: int, budget_s: float, n_replay: 
     res = adapt(net, ctx["cfg"], ctx["post"], user, replay, fcfg, log=lambda m: None)
     test = score_scenes(res["net"], ctx["test"], ctx["cfg"], res["postprocess"])
     log(f"  {len(plots)} plots: test F1@0.4 {test['real_f1_iou0.4']:.3f} held-out "
-        f"{res['validation_before'].get('real_f1_iou0.4', 0):.3f}->{res['validation_after'].get('real_f1_iou0.4', 0):.3f}"
+        f"{res['validation_before'].get('real_f1_iou0.4', 0):.3f}->"
+        f"{res['validation_after'].get('real_f1_iou0.4', 0):.3f}"
         f" ({res['train']['steps']} steps, {time.time() - t0:.0f} s)")
     return {"plots": plots, "test": test, "postprocess": res["postprocess"],
-            "postprocess_source": res["postprocess_source"], "heldout_before": res["validation_before"], "heldout_after": res["validation_after"],
+            "postprocess_source": res["postprocess_source"], "heldout_before": res["validation_before"],
+            "heldout_after": res["validation_after"],
             "steps": res["train"]["steps"], "train_seconds": res["train"]["seconds"],
             "seconds": round(time.time() - t0, 1)}
 
@@ -310,7 +314,8 @@ def _f(x, nd=3):
 
 def markdown(results: dict) -> str:
     cfg = results.get("config", {})
-    lines = [f"Fine-tune budget per run: at most {cfg.get('steps')} steps / {cfg.get('budget_s')} s, 1 thread, "
+    lines = [f"Fine-tune budget per run: at most {cfg.get('steps')} steps / {cfg.get('budget_s')} s, "
+             "1 thread, "
              f"replay {cfg.get('n_replay')} start-training images; uniform seeds {cfg.get('seeds')}.", "",
              "| site | k plots labelled | start F1@0.4 | sleeping experts | greedy (expert) | uniform mean "
              "(min-max, n) | test crowns |", "|---|---|---|---|---|---|---|"]
@@ -364,7 +369,8 @@ def plot_png(results: dict, path: Path, size: tuple[int, int] = (960, 360)) -> P
                 d.line(pts, fill=col, width=2)
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-    d.text((10, size[1] - 18), "blue: sleeping experts   orange: greedy single measure   grey: uniform random "
+    d.text((10, size[1] - 18), "blue: sleeping experts   orange: greedy single measure   grey: uniform "
+           "random "
            "(mean, bar = seeds' range)   dashed: start model", fill="black")
     img.save(path)
     return path

@@ -41,7 +41,8 @@ def suggest(
     crown_model: Path | None = typer.Option(None, "--crown-model",
                                             help="Crown ONNX model [models/zoo/crowns-dense.onnx]."),
     second_model: Path | None = typer.Option(None, "--second-model",
-                                             help="A compressed copy of the model (disagreement expert), e.g. "
+                                             help="A compressed copy of the model (disagreement expert), "
+                                                  "e.g. "
                                                   "models/zoo/crowns-sbf70kd.onnx; without it that expert "
                                                   "sleeps."),
     weights: str | None = typer.Option(None, "--weights", help="Expert weights from an earlier round "
@@ -71,7 +72,8 @@ def suggest(
         bar.close()
     typer.echo(f"{len(rec['suggested'])} of {rec['n_tiles_scored']} tiles suggested ({method}); "
                f"draw every crown of a tile in {out / 'annotations.gpkg'} (QGIS), then run "
-               f"forest-inventory finetune --annotations {out / 'annotations.gpkg'} --ortho {ortho} --out DIR")
+               f"forest-inventory finetune --annotations {out / 'annotations.gpkg'} --ortho {ortho} "
+               "--out DIR")
 
 
 def finetune(
@@ -93,9 +95,8 @@ def finetune(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Fine-tune the crown model on the annotated tiles (needs the train extra)."""
-    from pipeline.inventory import default_model_path
-
     from models.finetune import FinetuneConfig, finetune_from_annotations
+    from pipeline.inventory import default_model_path
 
     cfg = FinetuneConfig(steps=steps, budget_s=budget_min * 60.0, threads=threads, seed=seed)
     base = model or default_model_path("crowns-dense.onnx")

@@ -95,8 +95,8 @@ def load_base_model(path: str | Path) -> tuple[nn.Module, TrainCrownsConfig, dic
         meta = read_metadata(path)
         weights = path.with_suffix(".pt")
         if not weights.is_file():
-            raise InputError(f"{path}: no weights beside it ({weights.name}); fine-tune a model that ships its "
-                             "state dict, e.g. models/zoo/crowns-dense.onnx")
+            raise InputError(f"{path}: no weights beside it ({weights.name}); fine-tune a model that "
+                             "ships its state dict, e.g. models/zoo/crowns-dense.onnx")
         if "net" not in meta:
             raise InputError(f"{path}: metadata has no 'net' (network config); re-export the model")
         net = build_crown_net(SegNetConfig.from_dict(json.loads(meta["net"])))
@@ -197,8 +197,9 @@ def replay_scenes(cfg: TrainCrownsConfig, n: int, seed: int = 0) -> list[Scene]:
 
     split = read_plot_split(cfg.plot_split)
     sets = [bs for p in cfg.plot_csvs for bs in read_boxes(p, cfg.plot_image_root or None)]
-    sets = [bs for bs in sets if (bs.plot or Path(bs.image_path).stem) not in split["validation"]
-            and (bs.plot or Path(bs.image_path).stem) not in split["excluded"] and Path(bs.image_path).exists()]
+    held = split["validation"] | split["excluded"]
+    sets = [bs for bs in sets
+            if (bs.plot or Path(bs.image_path).stem) not in held and Path(bs.image_path).exists()]
     if not sets:
         return []
     rng = np.random.default_rng([seed, 77])
@@ -344,9 +345,11 @@ def adapt(
         val_after = {k: round(float(v), 4) for k, v in score_cases(after, post, base_cfg.gsd_m).items()}
         post_source = (f"the starting model's (only {n_held} held-out crowns, under "
                        f"{MIN_CALIBRATION_CROWNS}: too few to choose thresholds)")
-    log(f"held-out F1@0.4 {val_before.get('real_f1_iou0.4', 0):.3f} -> {val_after.get('real_f1_iou0.4', 0):.3f}"
+    log(f"held-out F1@0.4 {val_before.get('real_f1_iou0.4', 0):.3f} -> "
+        f"{val_after.get('real_f1_iou0.4', 0):.3f}"
         f" ({int(val_after.get('real_n_truth', 0))} crowns), thresholds {post}")
-    return {"net": net, "postprocess": post, "postprocess_source": post_source, "validation_before": val_before, "validation_after": val_after,
+    return {"net": net, "postprocess": post, "postprocess_source": post_source,
+            "validation_before": val_before, "validation_after": val_after,
             "train": {**train, "config": asdict(cfg), "n_user_tiles": len(user), "n_replay": len(replay)}}
 
 
@@ -379,10 +382,12 @@ def annotated_scenes(
         raise InputError(f"{annotations}: cannot read the annotations or {tiles} ({type(exc).__name__}); "
                          "pass the GeoPackages written by forest-inventory suggest") from None
     if "tile_id" not in tl.columns:
-        raise InputError(f"{tiles}: no tile_id column; pass the suggested_tiles.gpkg of forest-inventory suggest")
+        raise InputError(f"{tiles}: no tile_id column; pass the suggested_tiles.gpkg of forest-inventory "
+                         "suggest")
     ann = ann[ann.geometry.notna() & ~ann.geometry.is_empty]
     if ann.empty:
-        raise InputError(f"{annotations}: no crown drawn yet; draw every crown of a few suggested tiles in QGIS")
+        raise InputError(f"{annotations}: no crown drawn yet; draw every crown of a few suggested tiles in "
+                         "QGIS")
     if ann.crs is not None and tl.crs is not None and ann.crs != tl.crs:
         ann = ann.to_crs(tl.crs)
     cent = ann.geometry.centroid
@@ -488,7 +493,8 @@ def finetune_from_annotations(
     res = adapt(net, base_cfg, base_post, user, replay, cfg, progress=progress, log=log)
     cases = validation_cases(res["net"], user, base_cfg)
     cal = detection_calibration_of(cases, res["postprocess"], base_cfg.gsd_m,
-                                   f"held-out blocks of {len(user)} annotated tiles ({Path(annotations).name})")
+                                   f"held-out blocks of {len(user)} annotated tiles "
+                                   f"({Path(annotations).name})")
     meta = _finetune_metadata(model, base_cfg, res, ids, annotations, ortho_path, cal)
     from models.train_crowns import export_crown_model
 
@@ -522,8 +528,8 @@ def _finetune_metadata(model, base_cfg, res, ids, annotations, ortho_path, cal) 
     return {
         "model_version": f"{base_version}+site-{Path(ortho_path).stem}",
         "training_data": (f"fine-tuned from {base_version} on {len(ids)} annotated tiles {ids} of "
-                          f"{Path(ortho_path).name} ({Path(annotations).name}; {base_cfg.interior_ratio} ellipses "
-                          f"in the crowns' boxes) + {res['train']['n_replay']} replay images of the base "
+                          f"{Path(ortho_path).name} ({Path(annotations).name}; crowns as ellipses "
+                          f"in their boxes) + {res['train']['n_replay']} replay images of the base "
                           "model's training plots"),
         "validation_metrics": val,
         "finetune": {k: v for k, v in res["train"].items()},

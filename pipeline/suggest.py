@@ -67,7 +67,8 @@ def score_tiles(
     reference: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Tile], np.ndarray, np.ndarray]:
-    """(tiles with enough valid area, raw expert scores [n, len(EXPERTS)] (NaN = asleep), features [n, 15])."""
+    """(tiles with enough valid area, raw expert scores [n, len(EXPERTS)] (NaN = asleep), features
+    [n, 15])."""
     pp = postprocess_kwargs(model.meta.postprocess)
     kept, rows, feats = [], [], []
     for i, tile in enumerate(tiles):

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from forest_inventory.cli import app
-from pipeline.synthetic import generate_scene
 from pipeline.suggest import suggest_tiles
+from pipeline.synthetic import generate_scene
 
 torch = pytest.importorskip("torch")
 
@@ -56,7 +56,8 @@ def test_suggest_writes_tiles_chips_and_an_empty_annotation_layer(site, tmp_path
     assert len(ann) == 0 and "species" in ann.columns and ann.crs == tiles.crs
     # spread: no two suggested tiles share an edge or a corner while others are left
     offs = list(zip(tiles["col_off"], tiles["row_off"], strict=True))
-    assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 128 for i, a in enumerate(offs) for b in offs[i + 1:])
+    assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 128
+               for i, a in enumerate(offs) for b in offs[i + 1:])
     uni = suggest_tiles(scene.ortho, tmp_path / "u", model, n=3, method="uniform", seed=1, threads=1)
     assert uni["method"] == "uniform" and len(uni["suggested"]) == 3
 
