@@ -57,7 +57,7 @@ class FinetuneConfig:
 
     steps: int = 600  # most optimiser steps
     budget_s: float = 600.0  # most seconds of training (the loop; loading and calibration come on top)
-    lr: float = 5e-4  # peak learning rate (a quarter of the base training's)
+    lr: float = 1e-3  # peak learning rate (half the base training's)
     warmup: int = 10
     batch_size: int = 8
     chip_px: int = 192
