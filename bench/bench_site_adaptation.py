@@ -144,6 +144,8 @@ def setup_site(site: str, start_root: Path, n_replay: int, log) -> dict[str, Any
     from pipeline.active_learning import tile_features
 
     ckpt = start_root / f"wo_{site}" / "last.pt"
+    while not (ckpt.parent / "crowns.onnx").is_file():  # the start model is still being trained/calibrated
+        time.sleep(15)
     net, cfg, post = load_base_model(ckpt)
     # the start's training plots: replay data and the novelty reference (paths as the run recorded them)
     cfg.plot_csvs = [str(SHARED / "annotations.csv")]
@@ -220,6 +222,7 @@ def run_one(ctx: dict, plots: list[str], steps: int, budget_s: float, n_replay: 
             "postprocess_source": res["postprocess_source"], "heldout_before": res["validation_before"],
             "heldout_after": res["validation_after"],
             "steps": res["train"]["steps"], "train_seconds": res["train"]["seconds"],
+            "finetune_config": res["train"]["config"], "n_replay": res["train"]["n_replay"],
             "seconds": round(time.time() - t0, 1)}
 
 
