@@ -157,9 +157,9 @@ def suggest_tiles(
         raise InputError(f"{second_model}: tile size {second.meta.tile_size} differs from the crown model's "
                          f"{model.meta.tile_size}; pass a compressed copy of the same model")
     out = Path(out_dir)
-    (out / "chips").mkdir(parents=True, exist_ok=True)
     size = model.meta.tile_size
     with open_ortho(ortho_path, target_gsd_m=model.meta.gsd_m) as ortho:
+        (out / "chips").mkdir(parents=True, exist_ok=True)
         tiles = plan_tiles(ortho.width, ortho.height, size, 0)
         kept, raw, _ = score_tiles(model, ortho, tiles, second, reference_features(crown_model), progress)
         if not kept:
