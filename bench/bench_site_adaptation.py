@@ -270,7 +270,8 @@ def run(args) -> dict:
 
         return score_scenes(ctx["net"], ctx["test"], ctx["cfg"], ctx["post"])
 
-    methods = ["sleeping", "greedy"] + [f"uniform_s{s}" for s in args.seeds]
+    extra = [f"{m}_t{t}" for t in args.train_seeds if t != 0 for m in ("sleeping", "greedy")]
+    methods = ["sleeping", "greedy"] + extra + [f"uniform_s{s}" for s in args.seeds]
     for k in args.ks:
         for site in args.sites:
             for method in methods:
@@ -278,9 +279,11 @@ def run(args) -> dict:
                 if key in sites.get(site, {}).get("runs", {}):
                     continue
                 ctx = context(site)
-                order = sites[site]["orders"][method]["plots"]
+                order = sites[site]["orders"][method.split("_t")[0]]["plots"]
                 plots = order[: min(k, len(order))]
-                seed = int(method.split("_s")[1]) if method.startswith("uniform") else 0
+                # fine-tune seed (batches, held-out blocks): a uniform run's selection seed, or _t<seed>
+                seed = int(method.split("_s")[1]) if method.startswith("uniform") else (
+                    int(method.split("_t")[1]) if "_t" in method else 0)
                 log(f"{site} {key}: {plots}")
                 sites[site]["runs"][key] = {**run_one(ctx, plots, args.steps, args.budget_s, args.n_replay,
                                                       seed, log), "k": k, "method": method}
@@ -301,8 +304,14 @@ def summary_rows(results: dict) -> list[dict[str, Any]]:
             runs = [r for r in rec["runs"].values() if r["k"] == k]
             f = {r["method"]: r["test"]["real_f1_iou0.4"] for r in runs}
             uni = [v for m, v in f.items() if m.startswith("uniform")]
+            row: dict[str, Any] = {}
+            for name in ("sleeping", "greedy"):
+                vals = [v for m, v in f.items() if m == name or m.startswith(f"{name}_t")]
+                row.update({name: float(np.mean(vals)) if vals else None, f"{name}_n": len(vals),
+                            f"{name}_min": min(vals) if vals else None,
+                            f"{name}_max": max(vals) if vals else None})
             rows.append({"site": site, "k": k, "n_pool": len(rec.get("pool_plots", [])), "start": start,
-                         "sleeping": f.get("sleeping"), "greedy": f.get("greedy"),
+                         **row,
                          "greedy_expert": rec.get("orders", {}).get("greedy", {}).get("expert"),
                          "uniform_mean": float(np.mean(uni)) if uni else None,
                          "uniform_min": min(uni) if uni else None, "uniform_max": max(uni) if uni else None,
@@ -315,16 +324,26 @@ def _f(x, nd=3):
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _cell(r: dict, name: str) -> str:
+    """Mean, with the range and count when more than one fine-tune seed ran."""
+    if r[f"{name}_n"] <= 1:
+        return _f(r[name])
+    return f"{_f(r[name])} ({_f(r[name + '_min'])}-{_f(r[name + '_max'])}, {r[name + '_n']})"
+
+
 def markdown(results: dict) -> str:
     cfg = results.get("config", {})
     lines = [f"Fine-tune budget per run: at most {cfg.get('steps')} steps / {cfg.get('budget_s')} s, "
              "1 thread, "
-             f"replay {cfg.get('n_replay')} start-training images; uniform seeds {cfg.get('seeds')}.", "",
+             f"replay {cfg.get('n_replay')} start-training images; uniform seeds {cfg.get('seeds')} "
+             "(each seed draws the plots and seeds the fine-tune); sleeping / greedy: fine-tune seed 0, "
+             "and more seeds where a cell shows mean (min-max, n).", "",
              "| site | k plots labelled | start F1@0.4 | sleeping experts | greedy (expert) | uniform mean "
              "(min-max, n) | test crowns |", "|---|---|---|---|---|---|---|"]
     for r in summary_rows(results):
         k = f"{r['k']}" if r["k"] <= r["n_pool"] else f"{r['n_pool']} (all; {r['k']} asked)"
-        lines.append(f"| {r['site']} | {k} | {_f(r['start'])} | {_f(r['sleeping'])} | {_f(r['greedy'])} "
+        lines.append(f"| {r['site']} | {k} | {_f(r['start'])} | {_cell(r, 'sleeping')} | "
+                     f"{_cell(r, 'greedy')} "
                      f"({r['greedy_expert']}) | {_f(r['uniform_mean'])} ({_f(r['uniform_min'])}-"
                      f"{_f(r['uniform_max'])}, {r['n_uniform']}) | {r['n_test_crowns']} |")
     return "\n".join(lines) + "\n"
@@ -386,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sites", nargs="+", default=["SJER", "TEAK", "OSBS"])
     ap.add_argument("--ks", nargs="+", type=int, default=[8, 4, 2])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--train-seeds", nargs="+", type=int, default=[0],
+                    help="fine-tune seeds of the sleeping and greedy selections (0 = the base runs)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--budget-s", type=float, default=600.0)
     ap.add_argument("--n-replay", type=int, default=16)
