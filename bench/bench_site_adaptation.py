@@ -335,9 +335,9 @@ def markdown(results: dict) -> str:
     cfg = results.get("config", {})
     lines = [f"Fine-tune budget per run: at most {cfg.get('steps')} steps / {cfg.get('budget_s')} s, "
              "1 thread, "
-             f"replay {cfg.get('n_replay')} start-training images; uniform seeds {cfg.get('seeds')} "
-             "(each seed draws the plots and seeds the fine-tune); sleeping / greedy: fine-tune seed 0, "
-             "and more seeds where a cell shows mean (min-max, n).", "",
+             f"replay {cfg.get('n_replay')} start-training images. Uniform: one run per seed (n in the cell; "
+             "each seed draws the plots and seeds the fine-tune); sleeping / greedy: fine-tune seed 0, "
+             "and more fine-tune seeds where a cell shows mean (min-max, n).", "",
              "| site | k plots labelled | start F1@0.4 | sleeping experts | greedy (expert) | uniform mean "
              "(min-max, n) | test crowns |", "|---|---|---|---|---|---|---|"]
     for r in summary_rows(results):
