@@ -671,6 +671,11 @@ def serve_command(
           task_runner=task_runner, workers=workers, dask_address=dask_address)
 
 
+from forest_inventory.cli_adapt import register as _register_adapt  # noqa: E402 - needs handle_errors
+
+_register_adapt(app, handle_errors)  # suggest, finetune (issue 21)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
