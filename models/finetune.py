@@ -348,6 +348,8 @@ def adapt(
     log(f"held-out F1@0.4 {val_before.get('real_f1_iou0.4', 0):.3f} -> "
         f"{val_after.get('real_f1_iou0.4', 0):.3f}"
         f" ({int(val_after.get('real_n_truth', 0))} crowns), thresholds {post}")
+    if n_held >= MIN_CALIBRATION_CROWNS:  # scored on the blocks the thresholds were chosen on
+        val_after["optimistic"] = "thresholds chosen on these held-out blocks"
     return {"net": net, "postprocess": post, "postprocess_source": post_source,
             "validation_before": val_before, "validation_after": val_after,
             "train": {**train, "config": asdict(cfg), "n_user_tiles": len(user), "n_replay": len(replay)}}
@@ -579,6 +581,7 @@ def compress_adapted(net: nn.Module, base_cfg: TrainCrownsConfig, user: list[Sce
     n_held = int(score_cases(cases, post, base_cfg.gsd_m).get("real_n_truth", 0))
     if n_held >= MIN_CALIBRATION_CROWNS:
         post_c, val = calibrate_thresholds(cases, base_cfg.gsd_m, post)
+        val["optimistic"] = "thresholds chosen on these held-out blocks"
     else:
         post_c = dict(post)
         val = {k: round(float(v), 4) for k, v in score_cases(cases, post_c, base_cfg.gsd_m).items()}
