@@ -67,6 +67,12 @@ def side_files(ortho: Path) -> dict[str, Path]:
     return found
 
 
+def ortho_options(ortho: Path, options: dict | None) -> dict:
+    """The run options of one orthomosaic in a folder: ``options`` with its side files (``side_files``) as
+    its height rasters (paths as strings: flow parameters)."""
+    return {**(options or {}), **{k: str(v) for k, v in side_files(ortho).items()}}
+
+
 def output_folder(out: str | Path, ortho: Path) -> Path:
     """``<out>/<stem>``: where one orthomosaic's inventory goes."""
     return Path(out) / ortho.stem
@@ -131,7 +137,7 @@ def batch_flow(folder: str, out: str, options: dict[str, Any] | None = None, for
             rows.append(_summary_row(ortho.stem, "skipped", out_dir, 0.0, _read_summary(out_dir),
                                      "already done"))
             continue
-        flow_options = {**(options or {}), **{k: str(v) for k, v in side_files(ortho).items()}}
+        flow_options = ortho_options(ortho, options)
         start = time.perf_counter()
         state = subflow(ortho=str(ortho), out=str(out_dir), chm=None, options=flow_options, return_state=True)
         seconds = time.perf_counter() - start

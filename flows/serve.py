@@ -62,7 +62,7 @@ class FolderWatcher:
 
     def poll_once(self) -> list[str]:
         """One scan; returns the flow run ids it created."""
-        from flows.batch import find_orthomosaics, is_done, output_folder, side_files
+        from flows.batch import find_orthomosaics, is_done, ortho_options, output_folder
 
         ready = []
         for ortho in find_orthomosaics(self.folder):
@@ -82,9 +82,8 @@ class FolderWatcher:
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name(self.deployment)
             for ortho in ready:
-                side = {k: str(v) for k, v in side_files(ortho).items()}
                 params = {"ortho": str(ortho), "out": str(output_folder(self.out, ortho)),
-                          "chm": None, "options": {**(self.options or {}), **side}}
+                          "chm": None, "options": ortho_options(ortho, self.options)}
                 run = client.create_flow_run_from_deployment(deployment.id, parameters=params,
                                                              tags=["watch"])
                 self.triggered[str(ortho.resolve())] = str(run.id)

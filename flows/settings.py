@@ -23,11 +23,9 @@ def _default_workers() -> int:
     loaded 2-core machine: 2 workers made the inference stage slower than 1). Prefect's own default is
     unbounded (sys.maxsize).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return 2 if cores >= 4 else 1
+    from pipeline.options import available_cores
+
+    return 2 if available_cores() >= 4 else 1
 
 
 #: Thread workers of the default task runner (``--workers`` overrides).

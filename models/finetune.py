@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from models.train_crowns import (
     normalise,
     score_cases,
     validation_cases,
+    warmup_cosine,
 )
 from pipeline.errors import InputError
 
@@ -152,21 +152,17 @@ def user_scene(
 
 
 def scenes_from_boxes(
-    boxsets: list[BoxSet], gsd_m: float, image_gsd_m: float = 0.1, holdout: FinetuneConfig | None = None,
-    site: str = USER_SITE, interior_ratio: float = 0.7,
+    boxsets: list[BoxSet], gsd_m: float, image_gsd_m: float = 0.1, site: str = USER_SITE,
+    interior_ratio: float = 0.7,
 ) -> list[Scene]:
-    """Scenes of box sets (e.g. NEON plots) resampled to ``gsd_m``. With ``holdout``: user tiles, whose
-    held-out blocks are seeded per image; without: whole images for training (replay) or, when ``site`` is
-    a test site, for scoring (:func:`test_scenes`)."""
+    """Scenes of box sets (e.g. NEON plots) resampled to ``gsd_m``: whole images for training (replay) or,
+    when ``site`` is a test site, for scoring (:func:`test_scenes`)."""
     out = []
-    for i, bs in enumerate(boxsets):
+    for bs in boxsets:
         h, w, gsd = _image_shape_gsd(bs.image_path, image_gsd_m)
         scale = gsd / gsd_m
         h, w = scaled_shape(h, w, scale)
-        split = None
-        if holdout is not None:
-            split = block_split(h, w, holdout.val_block_px, holdout.val_fraction, holdout.seed * 1000 + i)
-        scene = load_box_scene(bs, split, interior_ratio, weight=1.0, scale=scale)
+        scene = load_box_scene(bs, None, interior_ratio, weight=1.0, scale=scale)
         scene.site, scene.plot = site, bs.plot or Path(bs.image_path).stem
         out.append(scene)
     return out
@@ -229,10 +225,7 @@ def _mix_weights(user: list[Scene], replay: list[Scene], replay_fraction: float)
 
 def _lr(step: int, total: int, cfg: FinetuneConfig) -> float:
     """Learning rate at ``step`` of ``total``: linear warm-up, then cosine to 2 % of the peak."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return cfg.lr * warmup_cosine(step, cfg.warmup, total)
 
 
 def finetune_net(
@@ -329,9 +322,10 @@ def adapt(
 ) -> dict[str, Any]:
     """Score the starting model on the user tiles' held-out blocks, fine-tune, choose thresholds there.
 
-    Returns {"net", "postprocess", "postprocess_source", "validation_before", "validation_after", "train"};
-    the network is fine-tuned in place. The validation scores are on the held-out blocks of the user's tiles
-    only. Thresholds are chosen there only with at least :data:`MIN_CALIBRATION_CROWNS` held-out crowns."""
+    Returns {"net", "postprocess", "postprocess_source", "cases" (the held-out blocks, predicted),
+    "validation_before", "validation_after", "train"}; the network is fine-tuned in place. The validation
+    scores are on the held-out blocks of the user's tiles only. Thresholds are chosen there only with at
+    least :data:`MIN_CALIBRATION_CROWNS` held-out crowns."""
     before = validation_cases(net, user, base_cfg)
     val_before = {k: round(float(v), 4) for k, v in score_cases(before, base_post, base_cfg.gsd_m).items()}
     train = finetune_net(net, base_cfg, user, replay, cfg, progress=progress, log=log)
@@ -350,7 +344,7 @@ def adapt(
         f" ({int(val_after.get('real_n_truth', 0))} crowns), thresholds {post}")
     if n_held >= MIN_CALIBRATION_CROWNS:  # scored on the blocks the thresholds were chosen on
         val_after["optimistic"] = "thresholds chosen on these held-out blocks"
-    return {"net": net, "postprocess": post, "postprocess_source": post_source,
+    return {"net": net, "postprocess": post, "postprocess_source": post_source, "cases": after,
             "validation_before": val_before, "validation_after": val_after,
             "train": {**train, "config": asdict(cfg), "n_user_tiles": len(user), "n_replay": len(replay)}}
 
@@ -493,8 +487,7 @@ def finetune_from_annotations(
     log(f"{len(user)} annotated tiles ({sum(len(s.boxes) for s in user)} crowns), {len(replay)} replay images"
         + ("" if replay else " (the base model's training data is not on this machine: no replay)"))
     res = adapt(net, base_cfg, base_post, user, replay, cfg, progress=progress, log=log)
-    cases = validation_cases(res["net"], user, base_cfg)
-    cal = detection_calibration_of(cases, res["postprocess"], base_cfg.gsd_m,
+    cal = detection_calibration_of(res["cases"], res["postprocess"], base_cfg.gsd_m,
                                    f"held-out blocks of {len(user)} annotated tiles "
                                    f"({Path(annotations).name})")
     meta = _finetune_metadata(model, base_cfg, res, ids, annotations, ortho_path, cal)

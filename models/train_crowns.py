@@ -224,11 +224,17 @@ def _image_shape_gsd(path: str | Path, default_gsd_m: float) -> tuple[int, int, 
     return h, w, float(default_gsd_m)
 
 
-def _lr_factor(step: int, cfg: TrainCrownsConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor at ``step`` of ``total``: linear warm-up over ``warmup`` steps, then cosine down
+    to 2 % of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _lr_factor(step: int, cfg: TrainCrownsConfig) -> float:
+    return warmup_cosine(step, cfg.warmup, cfg.iterations)
 
 
 def make_batch(

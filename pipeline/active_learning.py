@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import rankdata
 
 EXPERTS = ("entropy", "tta_disagreement", "model_disagreement", "count_instability", "novelty")
 MIN_VALID_FRACTION = 0.2  # an expert sleeps on tiles with less valid (unmasked) area than this
@@ -117,13 +118,7 @@ def percentile_scores(raw: np.ndarray) -> np.ndarray:
         if n == 1:
             out[awake, j] = 0.5
             continue
-        vals = raw[awake, j]
-        order = np.argsort(vals, kind="mergesort")
-        ranks = np.empty(n)
-        ranks[order] = np.arange(n, dtype=float)
-        for v in np.unique(vals):  # ties: mean rank
-            same = vals == v
-            ranks[same] = ranks[same].mean()
+        ranks = rankdata(raw[awake, j], method="average") - 1.0  # 0-based; ties: mean rank
         out[awake, j] = ranks / (n - 1)
     return out
 

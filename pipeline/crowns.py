@@ -135,8 +135,7 @@ def no_canopy(chm: np.ndarray, valid: np.ndarray, min_height_m: float) -> bool:
     weighted mean), so a tile whose every height is below the threshold gets no seed and no crown."""
     if not valid.any() or not np.isfinite(chm[valid]).all():
         return False
-    finite = np.isfinite(chm)
-    return not finite.any() or float(chm[finite].max()) < min_height_m
+    return float(chm[np.isfinite(chm)].max()) < min_height_m  # some height is finite: valid ones are
 
 
 def label_crowns(probs: np.ndarray, valid: np.ndarray, transform: Affine, min_area_m2: float = 1.0,

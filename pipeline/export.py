@@ -364,7 +364,6 @@ def _crown_picture(rgb: np.ndarray, valid: np.ndarray, transform: Affine, crowns
     img, valid, transform = _resample(rgb, valid, transform, min_px, max_px)
     enlarged = max(valid.shape) >= 1.9 * max(rgb.shape[1:])  # outlines 2 px wide on an enlarged picture
     del rgb, valid
-    img = np.array(img, copy=True)
     src = crown_source(crowns)
     legend: list[tuple[str, tuple[int, int, int], int]] = []
     if len(src):

@@ -180,7 +180,7 @@ class RunPlan:
         from pipeline.segment import session_plan
 
         n, threads = session_plan(self.crown_model_path.stat().st_size, self.config.threads)
-        if n == 1 and threads == (self.config.threads or (os.cpu_count() or 1)):
+        if n == 1:  # session_plan gave the run's own thread count
             return [self.crown_model()]
         return [_shared_model(self.crown_model_path, threads, CROWN_TASK, copy=k) for k in range(n)]
 
@@ -302,12 +302,12 @@ def _check_height_overlap(path: Path, what: str, ortho: Ortho) -> None:
                          f"{what} of the same site (check its CRS)")
 
 
-def _check_plots_overlap(path: Path, ortho: Ortho) -> str | None:
-    """Plots (read in the working CRS) must overlap the orthomosaic: none inside is an InputError; some
+def _check_plots_overlap(path: Path, plots: gpd.GeoDataFrame, ortho: Ortho) -> str | None:
+    """Plots (``read_plots`` of ``path``) must overlap the orthomosaic: none inside is an InputError; some
     outside gives a warning (returned) naming them."""
     from shapely.geometry import box
 
-    plots = read_plots(path, target_crs=ortho.crs)
+    plots = plots.to_crs(ortho.crs)
     inside = plots.geometry.intersects(box(*ortho.bounds)).to_numpy()
     if not inside.any():
         raise InputError(f"{path}: none of its {len(plots)} plot(s) overlap the orthomosaic "
@@ -374,8 +374,7 @@ def validate(config: InventoryConfig) -> RunPlan:
     for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
         if path is not None:
             open_height_raster(path, what).close()
-    if cfg.plots is not None:
-        read_plots(cfg.plots)
+    plots = None if cfg.plots is None else read_plots(cfg.plots)
     _check_out_is_ours(cfg)
     warnings: list[str] = []
     _detection_calibration(crown_path, crown.meta)  # a malformed calibration fails here, not after inference
@@ -388,8 +387,8 @@ def validate(config: InventoryConfig) -> RunPlan:
         for path, what in ((cfg.chm, "CHM"), (cfg.dsm, "DSM"), (cfg.dtm, "DTM")):
             if path is not None:
                 _check_height_overlap(path, what, ortho)
-        if cfg.plots is not None:
-            warnings += [w for w in [_check_plots_overlap(cfg.plots, ortho)] if w]
+        if plots is not None:
+            warnings += [w for w in [_check_plots_overlap(cfg.plots, plots, ortho)] if w]
         input_gsd_m = ortho.native_gsd_m
         grid_note = "input"  # crown_mask.tif and quicklook.png: see RunPlan.input_ortho
         if ortho.warped:
@@ -676,9 +675,9 @@ def write_outputs(plan: RunPlan, result: Any, progress: Progress | None = None) 
     plots = None
     report_groups = dict(carbon_groups or {})
     if "plots" in info:
-        plots = with_group_totals(info["plots"].assign(plot_index=np.arange(len(info["plots"]))),
-                                  group_table(carbon_groups, "plot"))
         plot_table = group_table(carbon_groups, "plot")
+        plots = with_group_totals(info["plots"].assign(plot_index=np.arange(len(info["plots"]))),
+                                  plot_table)
         if plot_table is not None:  # the report names plots by their plot_id, not their row number
             names = info["plots"]["plot_id"].astype(str).to_numpy()
             plot_table.insert(0, "plot_id", [names[int(i)] if 0 <= int(i) < len(names) else str(i)

@@ -48,6 +48,13 @@ def _chip_transform(ortho: Ortho, window: Window, chip_px: int) -> Affine:
     return ortho.window_transform(window) @ Affine.scale(int(window.width) / chip_px)
 
 
+def _crown_mask(ortho: Ortho, polygon, window: Window, chip_px: int) -> np.ndarray:
+    """Inside-crown mask bool [chip_px, chip_px] of one crown, rasterized on its own chip grid."""
+    return rasterio.features.rasterize([(polygon, 1)], out_shape=(chip_px, chip_px),
+                                       transform=_chip_transform(ortho, window, chip_px), fill=0,
+                                       dtype="uint8") > 0
+
+
 def chip_masks(ortho: Ortho, polygons: list, windows: list[Window], chip_px: int) -> list[np.ndarray]:
     """Inside-crown masks bool [chip_px, chip_px] of many crowns, each on its own chip grid (``windows`` from
     :func:`chip_window`), from a few rasterizations instead of one per crown.
@@ -64,10 +71,7 @@ def chip_masks(ortho: Ortho, polygons: list, windows: list[Window], chip_px: int
     if n == 0:
         return []
     if abs(k - round(k)) > 1e-9 or any(int(w.width) != span for w in windows):
-        return [rasterio.features.rasterize([(g, 1)], out_shape=(chip_px, chip_px),
-                                            transform=_chip_transform(ortho, w, chip_px), fill=0,
-                                            dtype="uint8") > 0
-                for g, w in zip(polygons, windows, strict=True)]
+        return [_crown_mask(ortho, g, w, chip_px) for g, w in zip(polygons, windows, strict=True)]
     k = int(round(k))
     rows = np.array([int(w.row_off) for w in windows])
     cols = np.array([int(w.col_off) for w in windows])
@@ -127,9 +131,7 @@ def crown_chip(ortho: Ortho, polygon, centroid_xy: tuple[float, float], chip_px:
     chip = _resize(rgb, chip_px, Image.Resampling.BILINEAR)
     ok = _resize(valid.astype(np.uint8), chip_px, Image.Resampling.NEAREST) > 0
     if inside is None:
-        inside = rasterio.features.rasterize([(polygon, 1)], out_shape=(chip_px, chip_px),
-                                             transform=_chip_transform(ortho, window, chip_px), fill=0,
-                                             dtype="uint8") > 0
+        inside = _crown_mask(ortho, polygon, window, chip_px)
     return np.where(inside & ok, chip, 0).astype(np.uint8)
 
 

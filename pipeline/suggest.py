@@ -24,14 +24,21 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.active_learning import EXPERTS, expert_scores, novelty, select_tiles, tile_features
+from pipeline.active_learning import (
+    EXPERTS,
+    MIN_VALID_FRACTION,
+    expert_scores,
+    novelty,
+    select_tiles,
+    tile_features,
+)
 from pipeline.atomic import atomic_path
 from pipeline.crowns import extract_crowns, postprocess_kwargs
 from pipeline.errors import InputError
 from pipeline.onnx_model import OnnxModel
 from pipeline.raster import Ortho, open_ortho
 from pipeline.tiling import Tile, plan_tiles
-from pipeline.tta import VIEWS, _unview, _view
+from pipeline.tta import tta_views
 
 METHODS = ("sleeping", "greedy", "uniform")
 
@@ -52,11 +59,7 @@ def reference_features(model_path: str | os.PathLike) -> np.ndarray | None:
 
 def _views(model: OnnxModel, rgb: np.ndarray) -> list[np.ndarray]:
     """Softmax [C, T, T] of each TTA view of one tile, mapped back to the tile grid."""
-    out = []
-    for mirror, k in VIEWS:
-        batch = np.ascontiguousarray(_view(rgb[None], mirror, k))
-        out.append(np.ascontiguousarray(_unview(model.run(batch), mirror, k)[0], dtype=np.float32))
-    return out
+    return [np.ascontiguousarray(view[0], dtype=np.float32) for view in tta_views(model.run, rgb[None])]
 
 
 def score_tiles(
@@ -75,7 +78,7 @@ def score_tiles(
         rgb, valid = ortho.read(tile.window)
         if progress is not None:
             progress(i + 1, len(tiles))
-        if valid.mean() < 0.2:  # mostly outside the flight: not worth a label
+        if valid.mean() < MIN_VALID_FRACTION:  # mostly outside the flight: not worth a label
             continue
         views = _views(model, rgb)
         tr = ortho.window_transform(tile.window)
@@ -163,7 +166,8 @@ def suggest_tiles(
         tiles = plan_tiles(ortho.width, ortho.height, size, 0)
         kept, raw, _ = score_tiles(model, ortho, tiles, second, reference_features(crown_model), progress)
         if not kept:
-            raise InputError(f"{ortho_path}: no tile with at least 20 % valid pixels; check the image's mask")
+            raise InputError(f"{ortho_path}: no tile with at least {MIN_VALID_FRACTION:.0%} valid pixels; "
+                             "check the image's mask")
         sel = select_tiles(raw, n, method, prior=np.asarray(weights, float) if weights else None,
                            expert=EXPERTS.index(expert), seed=seed, exclude=_adjacent(kept))
         rows = []

@@ -9,7 +9,7 @@ averaging. Four model runs per tile: about 4x the segmentation time. Tiles must 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -27,12 +27,18 @@ def _unview(y: np.ndarray, mirror: bool, k: int) -> np.ndarray:
     return y[..., ::-1] if mirror else y
 
 
-def predict_with_tta(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    """Mean of ``run`` over :data:`VIEWS` of ``batch`` (uint8 [N, 3, T, T]) -> float32 [N, C, T, T]."""
+def tta_views(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> Iterator[np.ndarray]:
+    """``run`` on each of :data:`VIEWS` of ``batch`` (uint8 [N, 3, T, T]), each output mapped back to the
+    tile grid ([N, C, T, T])."""
     if batch.shape[-1] != batch.shape[-2]:
         raise ValueError(f"test-time augmentation needs square tiles, got {batch.shape[-2:]}")
-    acc = None
     for mirror, k in VIEWS:
-        out = _unview(run(np.ascontiguousarray(_view(batch, mirror, k))), mirror, k)
+        yield _unview(run(np.ascontiguousarray(_view(batch, mirror, k))), mirror, k)
+
+
+def predict_with_tta(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
+    """Mean of ``run`` over :data:`VIEWS` of ``batch`` (uint8 [N, 3, T, T]) -> float32 [N, C, T, T]."""
+    acc = None
+    for out in tta_views(run, batch):
         acc = out.astype(np.float32) if acc is None else acc + out
     return np.ascontiguousarray(acc / len(VIEWS), dtype=np.float32)
